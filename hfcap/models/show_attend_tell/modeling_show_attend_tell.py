@@ -1,0 +1,773 @@
+"""PyTorch Show, Attend and Tell (Xu et al., ICML 2015), as in the sgrvinod PyTorch tutorial.
+
+Reading guide. Paper equations are quoted by number: LSTM (1)-(3), attention scores (4), softmax (5), context (6),
+output layer (7), hard attention (8)-(9) and its learning rule (§4.1), soft attention's expected context (§4.2)
+and the doubly stochastic regulariser (§4.2.1). "Tutorial" means sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning
+(models.py, train.py, caption.py): with the default config this module computes exactly what the tutorial computes.
+
+Shapes: B batch, T decoder steps, N = encoder_grid_size**2 annotation vectors, D encoder_dim, A attention_dim,
+E embed_dim, H decoder_dim, V vocab_size.
+"""
+
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.utils import ModelOutput
+
+from .configuration_show_attend_tell import ShowAttendTellConfig
+
+
+@dataclass
+class ShowAttendTellEncoderOutput(ModelOutput):
+    """
+    Annotation vectors a_1..a_N of the paper.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, N, D)`): the annotation vectors.
+        attention_mask (`torch.LongTensor` of shape `(B, N)`, *optional*): 1 for real positions, 0 for padding
+            (only for padded region features; grid features have none).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): `(last_hidden_state,)` with `output_hidden_states`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ShowAttendTellSeq2SeqLMOutput(Seq2SeqLMOutput):
+    """
+    [`Seq2SeqLMOutput`] plus the two parts of the loss and, for sampled hard attention, the attended locations.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `loss_ce + doubly_stochastic_weight * loss_doubly_stochastic`. With
+            sampled hard attention its gradient also carries the REINFORCE and entropy terms (their value is 0).
+        logits (`torch.FloatTensor` of shape `(B, T, V)`): next-token scores before softmax.
+        past_key_values ([`ShowAttendTellDecoderState`]): the LSTM state after the last step, when `use_cache=True`.
+        cross_attentions (`tuple(torch.FloatTensor)`): one tensor `(B, T, N)`, alpha_t over the annotation grid
+            (row-major `encoder_grid_size x encoder_grid_size`), when `output_attentions=True`.
+        decoder_hidden_states (`tuple(torch.FloatTensor)`): one tensor `(B, T, H)`, the LSTM outputs h_t.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(B, N, D)`): the annotation vectors.
+        loss_ce (`torch.FloatTensor` of shape `()`): token cross-entropy, mean over the tokens whose label is not -100.
+        loss_doubly_stochastic (`torch.FloatTensor` of shape `()`): mean over images and positions of
+            (1 - sum_t alpha_ti)^2.
+        attention_locations (`torch.LongTensor` of shape `(B, T)`): the sampled locations s_t (hard attention only).
+    """
+
+    loss_ce: torch.FloatTensor | None = None
+    loss_doubly_stochastic: torch.FloatTensor | None = None
+    attention_locations: torch.LongTensor | None = None
+
+
+@dataclass
+class ShowAttendTellBeamSearchOutput(ModelOutput):
+    """
+    Result of the tutorial's beam search (`custom_generate=hfcap.reference_beam_search` with
+    `return_dict_in_generate=True`).
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(B * R, L)`): `<start> ... <end>`, right-padded with `pad_token_id`;
+            R = `num_return_sequences` hypotheses per image, best first.
+        sequences_scores (`torch.FloatTensor` of shape `(B * R,)`): raw sums of the tokens' log-probabilities.
+        cross_attentions (`tuple(torch.FloatTensor)`): with `output_attentions=True`, one tensor `(B * R, L - 1, N)`;
+            row t is the alpha that produced token t + 1 (zeros after `<end>`).
+    """
+
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ShowAttendTellDecoderState:
+    """
+    The recurrent state carried between decoding steps: `generate` passes it around as `past_key_values`.
+
+    Args:
+        hidden (`torch.FloatTensor` of shape `(B, H)`): h_t.
+        cell (`torch.FloatTensor` of shape `(B, H)`): c_t.
+        projected_features (`torch.FloatTensor` of shape `(B, N, A)`): `attention.encoder_att(a)`, constant over steps.
+        seq_length (`int`): number of tokens consumed so far.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, hidden, cell, projected_features, seq_length=0):
+        self.hidden = hidden
+        self.cell = cell
+        self.projected_features = projected_features
+        self.seq_length = seq_length
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seq_length
+
+    def batch_select_indices(self, indices):
+        """Keeps (and reorders) the batch rows `indices`, in place."""
+        self.hidden = self.hidden.index_select(0, indices.to(self.hidden.device))
+        self.cell = self.cell.index_select(0, indices.to(self.cell.device))
+        self.projected_features = self.projected_features.index_select(0, indices.to(self.projected_features.device))
+
+    def reorder_cache(self, beam_idx):
+        """Called by beam search after each step: row i continues from row `beam_idx[i]`."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        """Repeats every batch row `repeats` times, in place (e.g. several continuations of one prefix)."""
+        self.hidden = self.hidden.repeat_interleave(repeats, dim=0)
+        self.cell = self.cell.repeat_interleave(repeats, dim=0)
+        self.projected_features = self.projected_features.repeat_interleave(repeats, dim=0)
+
+
+def shift_tokens_right(labels, pad_token_id, decoder_start_token_id):
+    """`labels (B, T)` -> `decoder_input_ids (B, T)`: prepend the start token, drop the last label, -100 -> pad."""
+    decoder_input_ids = labels.new_full(labels.shape, pad_token_id)
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    decoder_input_ids[:, 0] = decoder_start_token_id
+    return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
+
+
+def _backbone_parameter_stages(backbone):
+    """
+    Maps every parameter name of a timm `features_only` backbone to its feature stage (an index into `feature_info`).
+    A stage owns the modules after the previous stage's module up to the end of its own module, so the stem belongs to
+    the first stage (ResNet: conv1/bn1/act1 -> 0, maxpool/layer1 -> 1, layer2 -> 2, layer3 -> 3, layer4 -> 4).
+    """
+    # FeatureListNet renames "stages.0" to "stages_0", so names are compared with "." replaced by "_".
+    stage_modules = [info["module"].replace(".", "_") for info in backbone.feature_info.info]
+    last_stage = len(stage_modules) - 1
+    stage, inside_seen = 0, False
+    module_stage = {}
+    for module_name, _ in backbone.named_modules():  # pre-order: a stage ends when we leave its module
+        name = module_name.replace(".", "_")
+        inside = name == stage_modules[stage] or name.startswith(stage_modules[stage] + "_")
+        if inside_seen and not inside and stage < last_stage:
+            stage, inside_seen = stage + 1, False
+            inside = name == stage_modules[stage] or name.startswith(stage_modules[stage] + "_")
+        inside_seen = inside_seen or inside
+        module_stage[module_name] = stage
+    return {name: module_stage[name.rpartition(".")[0]] for name, _ in backbone.named_parameters()}
+
+
+class ShowAttendTellEncoder(nn.Module):
+    """
+    The CNN encoder (tutorial `Encoder`): a timm backbone's last feature map, adaptively average-pooled to
+    `encoder_grid_size x encoder_grid_size` and flattened row-major into N annotation vectors of size D. At the
+    tutorial's 256 px a ResNet's 8x8 map is *upsampled* to 14x14 by this pooling (overlapping bins), as there.
+    Precomputed `visual_features (B, N, D)` bypass the backbone.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ShowAttendTellConfig):
+        super().__init__()
+        self.config = config
+        if config.use_backbone:
+            backbone_kwargs = dict(config.backbone_kwargs or {})
+            self.num_channels = backbone_kwargs.get("in_chans", 3)
+            self.backbone = self._create_backbone(config, backbone_kwargs)
+            self.backbone_parameter_stages = _backbone_parameter_stages(self.backbone)
+            self.adaptive_pool = nn.AdaptiveAvgPool2d((config.encoder_grid_size, config.encoder_grid_size))
+            self.freeze_backbone_stages()
+
+    @staticmethod
+    def _create_backbone(config, backbone_kwargs):
+        if not timm.is_model(config.backbone):
+            raise ValueError(f"`backbone={config.backbone!r}` is not a timm model name (see `timm.list_models()`).")
+        # `from_pretrained` builds the model on the meta device and then loads our checkpoint: no timm download there.
+        pretrained = config.use_pretrained_backbone and not torch.empty(0).is_meta
+        try:
+            backbone = timm.create_model(
+                config.backbone, pretrained=pretrained, features_only=True, out_indices=(-1,), **backbone_kwargs
+            )
+        except OSError as error:
+            raise OSError(
+                f"`use_pretrained_backbone=True` needs timm's pretrained weights for {config.backbone!r} from the "
+                "Hugging Face Hub, which could not be loaded. Make the Hub reachable or set "
+                "`use_pretrained_backbone=False`."
+            ) from error
+        channels = backbone.feature_info.channels()[-1]
+        if channels != config.encoder_dim:
+            raise ValueError(
+                f"The last feature map of backbone {config.backbone!r} has {channels} channels but "
+                f"`encoder_dim={config.encoder_dim}`; set `encoder_dim={channels}` or choose another backbone."
+            )
+        num_stages = len(backbone.feature_info.info)
+        if config.trainable_backbone_layers > num_stages:
+            raise ValueError(
+                f"`trainable_backbone_layers={config.trainable_backbone_layers}` but backbone {config.backbone!r} has "
+                f"only {num_stages} feature stages."
+            )
+        return backbone
+
+    def freeze_backbone_stages(self):
+        """Sets `requires_grad` of the backbone from `config.trainable_backbone_layers` (the last stages train)."""
+        first_trainable_stage = len(self.backbone.feature_info.info) - self.config.trainable_backbone_layers
+        for name, stage in self.backbone_parameter_stages.items():
+            self.backbone.get_parameter(name).requires_grad_(stage >= first_trainable_stage)
+
+    def train(self, mode=True):
+        # `from_pretrained` re-creates every parameter with requires_grad=True, so the freezing is re-applied whenever
+        # training starts; change `config.trainable_backbone_layers` rather than the flags.
+        super().train(mode)
+        if mode and self.config.use_backbone:
+            self.freeze_backbone_stages()
+        return self
+
+    def forward(
+        self,
+        pixel_values=None,
+        visual_features=None,
+        visual_attention_mask=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, height, width)`): normalised images.
+            visual_features (`torch.FloatTensor` of shape `(B, N, D)`): precomputed annotation vectors instead.
+            visual_attention_mask (`torch.LongTensor` of shape `(B, N)`, *optional*): 1 = real position.
+            output_attentions: accepted for the `generate` interface; the encoder has no attention.
+            output_hidden_states (`bool`, *optional*): also return `hidden_states=(last_hidden_state,)`.
+
+        Returns:
+            [`ShowAttendTellEncoderOutput`] with `last_hidden_state (B, N, D)` (a tuple if `return_dict=False`).
+        """
+        if (pixel_values is None) == (visual_features is None):
+            raise ValueError("Pass exactly one of `pixel_values` (B, 3, H, W) and `visual_features` (B, N, D).")
+        if pixel_values is not None:
+            if visual_attention_mask is not None:
+                raise ValueError("`visual_attention_mask` goes with `visual_features`, not with `pixel_values`.")
+            features = self._encode_pixels(pixel_values)
+        else:
+            features = visual_features
+            if features.ndim != 3 or features.shape[-1] != self.config.encoder_dim:
+                raise ValueError(
+                    f"`visual_features` must have shape (batch, num_positions, {self.config.encoder_dim}) "
+                    f"(`encoder_dim`), got {tuple(features.shape)}."
+                )
+            if visual_attention_mask is not None and visual_attention_mask.shape != features.shape[:2]:
+                raise ValueError(
+                    f"`visual_attention_mask` must have shape {tuple(features.shape[:2])}, "
+                    f"got {tuple(visual_attention_mask.shape)}."
+                )
+        output = ShowAttendTellEncoderOutput(
+            last_hidden_state=features,
+            attention_mask=visual_attention_mask,
+            hidden_states=(features,) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _encode_pixels(self, pixel_values):
+        if not self.config.use_backbone:
+            raise ValueError(
+                "This model has no backbone (`use_backbone=False`, features only): pass `visual_features` "
+                f"(batch, num_positions, {self.config.encoder_dim}) instead of `pixel_values`."
+            )
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, {self.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        pixel_values = pixel_values.to(next(self.backbone.parameters()).dtype)
+        feature_map = self.backbone(pixel_values)[-1]  # (B, D, h, w)
+        grid = self.adaptive_pool(feature_map)  # (B, D, g, g)
+        return grid.permute(0, 2, 3, 1).flatten(1, 2)  # (B, g*g, D), row-major as the tutorial's view(B, -1, D)
+
+
+class ShowAttendTellAttention(nn.Module):
+    """
+    The attention model f_att (tutorial `Attention`): e_ti = full_att(act(encoder_att(a_i) + decoder_att(h_{t-1}))).
+    """
+
+    def __init__(self, config: ShowAttendTellConfig):
+        super().__init__()
+        self.encoder_att = nn.Linear(config.encoder_dim, config.attention_dim)
+        self.decoder_att = nn.Linear(config.decoder_dim, config.attention_dim)
+        self.full_att = nn.Linear(config.attention_dim, 1)
+        self.activation = nn.ReLU() if config.attention_activation == "relu" else nn.Tanh()
+
+    def forward(self, projected_features, hidden, encoder_attention_mask=None):
+        """
+        Args:
+            projected_features (`torch.FloatTensor` of shape `(B, N, A)`): `encoder_att(a)`, computed once per image.
+            hidden (`torch.FloatTensor` of shape `(B, H)`): h_{t-1}.
+            encoder_attention_mask (`torch.LongTensor` of shape `(B, N)`, *optional*): 0 = padding, never attended.
+
+        Returns:
+            `torch.FloatTensor` of shape `(B, N)`: alpha_t.
+        """
+        scores = self.full_att(self.activation(projected_features + self.decoder_att(hidden).unsqueeze(1)))  # Eq. 4
+        scores = scores.squeeze(2)
+        if encoder_attention_mask is not None:
+            scores = scores.masked_fill(encoder_attention_mask == 0, torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=1)  # Eq. 5
+
+
+class ShowAttendTellDecoder(nn.Module):
+    """The LSTM decoder with attention (tutorial `DecoderWithAttention`); parameter names are the tutorial's."""
+
+    def __init__(self, config: ShowAttendTellConfig):
+        super().__init__()
+        self.config = config
+        self.attention = ShowAttendTellAttention(config)
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.decode_step = nn.LSTMCell(config.embed_dim + config.encoder_dim, config.decoder_dim, bias=True)
+        self.init_h = nn.Linear(config.encoder_dim, config.decoder_dim)
+        self.init_c = nn.Linear(config.encoder_dim, config.decoder_dim)
+        self.f_beta = nn.Linear(config.decoder_dim, config.encoder_dim if config.gate == "vector" else 1)
+        if config.deep_output:
+            self.deep_output_h = nn.Linear(config.decoder_dim, config.embed_dim)
+            self.deep_output_z = nn.Linear(config.encoder_dim, config.embed_dim)
+            self.fc = nn.Linear(config.embed_dim, config.vocab_size)
+        else:
+            self.fc = nn.Linear(config.decoder_dim, config.vocab_size)
+        if config.attention_type == "hard":
+            self.register_buffer("reinforce_baseline", torch.zeros(()))
+
+    def init_state(self, encoder_hidden_states, encoder_attention_mask=None):
+        """h_0 and c_0 from the mean annotation vector (paper §3.1.2; the tutorial uses one Linear, no tanh)."""
+        if encoder_attention_mask is None:
+            mean_features = encoder_hidden_states.mean(dim=1)
+        else:
+            mask = encoder_attention_mask.unsqueeze(-1).to(encoder_hidden_states.dtype)
+            mean_features = (encoder_hidden_states * mask).sum(dim=1) / mask.sum(dim=1)
+        return ShowAttendTellDecoderState(
+            hidden=self.init_h(mean_features),
+            cell=self.init_c(mean_features),
+            projected_features=self.attention.encoder_att(encoder_hidden_states),
+        )
+
+    def step(self, input_ids, state, encoder_hidden_states, encoder_attention_mask, sample_attention, use_dropout):
+        """
+        One decoding step.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B,)`): y_{t-1}.
+            state ([`ShowAttendTellDecoderState`]): h_{t-1}, c_{t-1}.
+            encoder_hidden_states (`torch.FloatTensor` of shape `(B, N, D)`): a.
+            encoder_attention_mask (`torch.LongTensor` of shape `(B, N)` or `None`).
+            sample_attention (`bool`): hard attention, sample s_t; otherwise the expected context.
+            use_dropout (`bool`): apply the output dropout (it is active only in training mode anyway).
+
+        Returns:
+            `(logits (B, V), alpha (B, N), location (B,) or None, next state)`.
+        """
+        embeddings = self.embedding(input_ids)  # E y_{t-1}
+        alpha = self.attention(state.projected_features, state.hidden, encoder_attention_mask)
+        if sample_attention:
+            location = torch.multinomial(alpha, 1)  # Eq. 8: s_t ~ Multinoulli_N(alpha_t)
+            location = location.squeeze(1)
+            context = encoder_hidden_states[torch.arange(location.shape[0], device=location.device), location]  # Eq. 9
+        else:
+            location = None
+            context = (encoder_hidden_states * alpha.unsqueeze(2)).sum(dim=1)  # §4.2: E[z_t] = sum_i alpha_ti a_i
+        context = torch.sigmoid(self.f_beta(state.hidden)) * context  # Eq. 6, phi = beta_t * context (§4.2.1)
+        hidden, cell = self.decode_step(torch.cat([embeddings, context], dim=1), (state.hidden, state.cell))  # Eq. 1-3
+        if self.config.deep_output:
+            output = torch.tanh(embeddings + self.deep_output_h(hidden) + self.deep_output_z(context))  # Eq. 7
+        else:
+            output = hidden  # the tutorial: no deep output
+        logits = self.fc(self.dropout(output) if use_dropout else output)
+        next_state = ShowAttendTellDecoderState(hidden, cell, state.projected_features, state.seq_length + 1)
+        return logits, alpha, location, next_state
+
+    def forward(
+        self,
+        input_ids,
+        encoder_hidden_states,
+        encoder_attention_mask=None,
+        state=None,
+        attention_mask=None,
+        sample_attention=False,
+    ):
+        """
+        Runs the decoder over `input_ids`, continuing from `state` (or from h_0, c_0).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): y_0..y_{T-1}.
+            encoder_hidden_states (`torch.FloatTensor` of shape `(B, N, D)`): a.
+            encoder_attention_mask (`torch.LongTensor` of shape `(B, N)`, *optional*).
+            state ([`ShowAttendTellDecoderState`], *optional*): the state after `state.seq_length` earlier tokens.
+            attention_mask (`torch.LongTensor` of shape `(B, T')`, *optional*): by absolute position; steps with 0
+                (left padding of prompts) leave h and c unchanged. Positions >= T' count as 1.
+            sample_attention (`bool`): sample the hard-attention locations.
+
+        Returns:
+            `(logits (B, T, V), alphas (B, T, N), hidden_states (B, T, H), locations (B, T) or None, state)`.
+        """
+        encoder_hidden_states = encoder_hidden_states.to(self.fc.weight.dtype)
+        if state is None:
+            state = self.init_state(encoder_hidden_states, encoder_attention_mask)
+        logits, alphas, hidden_states, locations = [], [], [], []
+        for t in range(input_ids.shape[1]):
+            step_logits, alpha, location, next_state = self.step(
+                input_ids[:, t],
+                state,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                sample_attention,
+                use_dropout=True,
+            )
+            position = state.seq_length
+            if attention_mask is not None and position < attention_mask.shape[1]:
+                keep = attention_mask[:, position].bool().unsqueeze(1)
+                next_state.hidden = torch.where(keep, next_state.hidden, state.hidden)
+                next_state.cell = torch.where(keep, next_state.cell, state.cell)
+            state = next_state
+            logits.append(step_logits)
+            alphas.append(alpha)
+            hidden_states.append(state.hidden)
+            locations.append(location)
+        locations = torch.stack(locations, dim=1) if sample_attention else None
+        return torch.stack(logits, 1), torch.stack(alphas, 1), torch.stack(hidden_states, 1), locations, state
+
+
+class ShowAttendTellPreTrainedModel(PreTrainedModel):
+    config_class = ShowAttendTellConfig
+    base_model_prefix = "show_attend_tell"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """
+        The tutorial's init (models.py `init_weights`): embedding and fc weight U(-0.1, 0.1), fc bias 0, every other
+        decoder layer PyTorch's default. The timm backbone keeps timm's own init (or its pretrained weights).
+        """
+        decoder = self.decoder
+        if module is decoder.embedding or module is decoder.fc:
+            init.uniform_(module.weight, -0.1, 0.1)
+            if module is decoder.fc:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.LSTMCell)) and any(module is layer for layer in decoder.modules()):
+            module.reset_parameters()
+        elif module is decoder and self.config.attention_type == "hard":
+            init.zeros_(module.reinforce_baseline)
+        elif hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+
+class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, GenerationMixin):
+    """
+    Show, Attend and Tell captioner: `encoder` (timm CNN -> N annotation vectors) and `decoder` (LSTM with attention).
+
+    Generation: every standard `generate` strategy with the LSTM state as cache; the tutorial's own beam search with
+    `custom_generate=hfcap.reference_beam_search`. Defaults in `generation_config`: caption.py's beam size 5, at
+    most 51 new tokens (caption.py stops after step 51), no length penalty (raw log-probability sums, as caption.py).
+    """
+
+    def __init__(self, config: ShowAttendTellConfig):
+        super().__init__(config)
+        self.encoder = ShowAttendTellEncoder(config)
+        self.decoder = ShowAttendTellDecoder(config)
+        self.post_init()
+        self.generation_config.num_beams = 5
+        self.generation_config.max_new_tokens = 51
+        self.generation_config.length_penalty = 0.0
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        # The decoder is recurrent: its cache is a ShowAttendTellDecoderState created in `forward`, not a KV cache.
+        return False
+
+    def forward(
+        self,
+        pixel_values=None,
+        visual_features=None,
+        visual_attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        attention_mask=None,
+        encoder_outputs=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        sample_attention=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): images from the processor.
+            visual_features (`torch.FloatTensor` of shape `(B, N, D)`): precomputed annotation vectors (instead).
+            visual_attention_mask (`torch.LongTensor` of shape `(B, N)`, *optional*): 1 = real position.
+            decoder_input_ids (`torch.LongTensor` of shape `(B, T)`): `<start> w_1 ...`; made from `labels` if absent.
+            decoder_attention_mask (`torch.LongTensor` of shape `(B, T')`, *optional*): 0 marks (left) padding of the
+                decoder prompt; those steps leave the LSTM state unchanged.
+            attention_mask (`torch.LongTensor`, *optional*): the processor's mask of its `input_ids` prompts, as the
+                pipeline passes it to `generate`; same meaning as `decoder_attention_mask` (used when that is absent).
+            encoder_outputs ([`ShowAttendTellEncoderOutput`], *optional*): precomputed encoder output.
+            past_key_values ([`ShowAttendTellDecoderState`], *optional*): continue from this LSTM state.
+            labels (`torch.LongTensor` of shape `(B, T)`): `w_1 ... <end>`, -100 ignored.
+            use_cache (`bool`, *optional*): return the LSTM state as `past_key_values`.
+            sample_attention (`bool`, *optional*): hard attention only. Sample the attended locations (True) or use the
+                expected context (False). Default: in training, one Bernoulli(`hard_attention_sampling_probability`)
+                draw per minibatch; otherwise `sample_attention_at_inference`.
+
+        Returns:
+            [`ShowAttendTellSeq2SeqLMOutput`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                pixel_values=pixel_values,
+                visual_features=visual_features,
+                visual_attention_mask=visual_attention_mask,
+                output_hidden_states=output_hidden_states,
+            )
+        elif not isinstance(encoder_outputs, ModelOutput):  # a tuple from `return_dict=False`: its first entry
+            encoder_outputs = ShowAttendTellEncoderOutput(last_hidden_state=encoder_outputs[0])
+
+        if labels is not None and decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if decoder_input_ids is None:
+            raise ValueError("Pass `decoder_input_ids` (B, T) or `labels` (B, T) to run the decoder.")
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(
+                f"`labels` {tuple(labels.shape)} and `decoder_input_ids` {tuple(decoder_input_ids.shape)} must have "
+                "the same shape."
+            )
+
+        sample_attention = self._resolve_sample_attention(sample_attention)
+        encoder_attention_mask = encoder_outputs.get("attention_mask")
+        logits, alphas, hidden_states, locations, state = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            encoder_attention_mask,
+            state=past_key_values,
+            attention_mask=decoder_attention_mask if decoder_attention_mask is not None else attention_mask,
+            sample_attention=sample_attention,
+        )
+
+        loss = loss_ce = loss_doubly_stochastic = None
+        if labels is not None:
+            loss, loss_ce, loss_doubly_stochastic = self._compute_loss(
+                logits, labels, alphas, locations, encoder_attention_mask
+            )
+
+        output = ShowAttendTellSeq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=state if use_cache else None,
+            decoder_hidden_states=(hidden_states,) if output_hidden_states else None,
+            cross_attentions=(alphas,) if output_attentions else None,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.get("hidden_states"),
+            loss_ce=loss_ce,
+            loss_doubly_stochastic=loss_doubly_stochastic,
+            attention_locations=locations,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _resolve_sample_attention(self, sample_attention):
+        if self.config.attention_type == "soft":
+            if sample_attention:
+                raise ValueError("`sample_attention=True` needs a hard-attention model (`attention_type='hard'`).")
+            return False
+        if sample_attention is not None:
+            return bool(sample_attention)
+        if self.training:
+            # One draw per minibatch (the authors' `semi_sampling_p`); otherwise this batch uses the expected context.
+            return bool(torch.rand(()) < self.config.hard_attention_sampling_probability)
+        return self.config.sample_attention_at_inference
+
+    def _compute_loss(self, logits, labels, alphas, locations, encoder_attention_mask):
+        """
+        Token cross-entropy (the tutorial's CrossEntropyLoss over packed tokens = mean over labels != -100) plus
+        alpha_c times the doubly stochastic regulariser; with sampled hard attention, the REINFORCE surrogate of §4.1.
+        """
+        token_mask = labels.ne(-100)
+        loss_ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
+        )
+        attention_sums = (alphas * token_mask.unsqueeze(-1)).sum(dim=1)  # sum_t alpha_ti over each caption's steps
+        penalty = (1.0 - attention_sums) ** 2  # §4.2.1 doubly stochastic attention: sum_i (1 - sum_t alpha_ti)^2
+        if encoder_attention_mask is None:
+            loss_doubly_stochastic = penalty.mean()
+        else:
+            position_mask = encoder_attention_mask.to(penalty.dtype)
+            loss_doubly_stochastic = (penalty * position_mask).sum() / position_mask.sum()
+        loss = loss_ce + self.config.doubly_stochastic_weight * loss_doubly_stochastic
+        if locations is not None:
+            loss = loss + self._reinforce_surrogate(logits, labels, token_mask, alphas, locations)
+        return loss, loss_ce, loss_doubly_stochastic
+
+    def _reinforce_surrogate(self, logits, labels, token_mask, alphas, locations):
+        """
+        Paper §4.1 learning rule for hard attention, per caption:
+            d log p(y|s,a) + lambda_r (log p(y|s,a) - b) d log p(s|a) + lambda_e d H[s],
+        b the moving-average baseline. The first term is the cross-entropy's gradient; this returns a term whose value
+        is 0 and whose gradient is minus the other two, summed over captions and divided by the number of tokens (the
+        cross-entropy's normalisation), so that `loss.backward()` follows the paper's estimator. In training mode it
+        then updates b <- decay * b + (1 - decay) * mean log p(y|s,a).
+        """
+        token_log_probs = logits.log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        log_likelihood = (token_log_probs * token_mask).sum(dim=1)  # log p(y | s, a), (B,)
+        alpha_at_location = alphas.gather(-1, locations.unsqueeze(-1)).squeeze(-1)
+        log_p_locations = (alpha_at_location.log() * token_mask).sum(dim=1)  # log p(s | a), Eq. 8
+        step_entropy = -(alphas * alphas.clamp_min(torch.finfo(alphas.dtype).tiny).log()).sum(dim=-1)
+        entropy = (step_entropy * token_mask).sum(dim=1)  # H[s]
+        baseline = self.decoder.reinforce_baseline
+        advantage = (log_likelihood - baseline).detach()
+        objective = self.config.reinforce_weight * advantage * log_p_locations + self.config.entropy_weight * entropy
+        surrogate = -(objective - objective.detach()).sum() / token_mask.sum()
+        if self.training:
+            decay = self.config.baseline_decay
+            baseline.mul_(decay).add_((1.0 - decay) * log_likelihood.detach().mean())
+        return surrogate
+
+    @torch.no_grad()
+    def generate(
+        self, pixel_values=None, generation_config=None, *, visual_features=None, visual_attention_mask=None, **kwargs
+    ):
+        """
+        [`GenerationMixin.generate`] from `pixel_values` or from precomputed `visual_features (B, N, D)` (+ optional
+        `visual_attention_mask`). `custom_generate=hfcap.reference_beam_search` runs the tutorial's beam search.
+        """
+        if visual_features is not None or visual_attention_mask is not None:
+            if pixel_values is not None or kwargs.get("encoder_outputs") is not None:
+                raise ValueError("Pass exactly one of `pixel_values`, `visual_features` and `encoder_outputs`.")
+            kwargs["encoder_outputs"] = self.encoder(
+                visual_features=visual_features, visual_attention_mask=visual_attention_mask
+            )
+        return super().generate(pixel_values, generation_config, **kwargs)
+
+    @torch.no_grad()
+    def _reference_beam_search(
+        self, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None, **model_kwargs
+    ):
+        """
+        The tutorial's beam search (caption.py `caption_image_beam_search`), one image at a time: k copies of
+        `<start>`; step 1 takes the top k of row 0 only; scores are raw sums of log_softmax(fc(h)) (no dropout, no
+        length penalty); a hypothesis that emits `<end>` is set aside and the beam shrinks; the search stops when the
+        beam is empty or after `max_new_tokens` steps (caption.py: 51). The best completed hypothesis wins (first
+        maximum in completion order); if none completed, the best unfinished one is returned instead of failing.
+
+        Called by `generate(..., custom_generate=hfcap.reference_beam_search)` after the usual input preparation, so
+        `encoder_outputs` arrive repeated `max(num_beams, num_return_sequences)` times per image.
+        """
+        if logits_processor:
+            raise ValueError(
+                "The reference beam search reproduces the tutorial's and applies no logits processors; drop "
+                f"{[type(processor).__name__ for processor in logits_processor]} or use the standard beam search."
+            )
+        num_beams = generation_config.num_beams
+        num_return_sequences = generation_config.num_return_sequences  # `generate` checked it is <= num_beams
+        expand_size = max(num_beams, num_return_sequences)
+        start_ids = input_ids[::expand_size]
+        if start_ids.shape[1] != 1:
+            raise ValueError("The reference beam search starts from the start token alone: it takes no decoder prompt.")
+        max_new_tokens = generation_config.max_new_tokens or generation_config.max_length - 1
+        eos_token_ids = torch.tensor(generation_config.eos_token_id or [], dtype=torch.long, device=input_ids.device)
+        encoder_outputs = model_kwargs["encoder_outputs"]
+        features = encoder_outputs.last_hidden_state[::expand_size].to(self.decoder.fc.weight.dtype)
+        feature_masks = encoder_outputs.get("attention_mask")
+        feature_masks = feature_masks[::expand_size] if feature_masks is not None else None
+
+        hypotheses = []
+        for image in range(features.shape[0]):
+            hypotheses.append(
+                self._reference_beam_search_one_image(
+                    start_ids[image],
+                    features[image : image + 1],
+                    feature_masks[image : image + 1] if feature_masks is not None else None,
+                    num_beams,
+                    max_new_tokens,
+                    eos_token_ids,
+                )[:num_return_sequences]
+            )
+        return self._pack_reference_hypotheses(hypotheses, features.shape[1], generation_config)
+
+    def _reference_beam_search_one_image(self, start_id, features, feature_mask, beam_size, max_new_tokens, eos_ids):
+        """Returns `[(tokens (L,), score, alphas (L - 1, N))]`, best first: completed ones, then unfinished ones."""
+        k = beam_size
+        vocab_size = self.config.vocab_size
+        encoder_out = features.expand(k, -1, -1)
+        mask = feature_mask.expand(k, -1) if feature_mask is not None else None
+        state = self.decoder.init_state(encoder_out, mask)
+        prev_words = start_id.expand(k)
+        seqs = prev_words.unsqueeze(1)
+        seqs_alpha = encoder_out.new_zeros(k, 0, encoder_out.shape[1])
+        top_k_scores = encoder_out.new_zeros(k, 1)
+        complete = []
+        step = 1
+        while True:
+            logits, alpha, _, state = self.decoder.step(
+                prev_words, state, encoder_out, mask, sample_attention=False, use_dropout=False
+            )
+            scores = top_k_scores.expand_as(logits) + logits.log_softmax(dim=1)
+            if step == 1:  # all k rows are identical at the first step
+                top_k_scores, top_k_words = scores[0].topk(k, 0, True, True)
+            else:
+                top_k_scores, top_k_words = scores.view(-1).topk(k, 0, True, True)
+            prev_word_inds = top_k_words // vocab_size
+            next_word_inds = top_k_words % vocab_size
+            seqs = torch.cat([seqs[prev_word_inds], next_word_inds.unsqueeze(1)], dim=1)
+            seqs_alpha = torch.cat([seqs_alpha[prev_word_inds], alpha[prev_word_inds].unsqueeze(1)], dim=1)
+            finished = torch.isin(next_word_inds, eos_ids)
+            for ind in finished.nonzero().flatten().tolist():
+                complete.append((seqs[ind], top_k_scores[ind], seqs_alpha[ind]))
+            k -= int(finished.sum())
+            if k == 0:
+                break
+            incomplete_inds = (~finished).nonzero().flatten()
+            seqs = seqs[incomplete_inds]
+            seqs_alpha = seqs_alpha[incomplete_inds]
+            state.batch_select_indices(prev_word_inds[incomplete_inds])
+            encoder_out = encoder_out[prev_word_inds[incomplete_inds]]
+            mask = mask[prev_word_inds[incomplete_inds]] if mask is not None else None
+            top_k_scores = top_k_scores[incomplete_inds].unsqueeze(1)
+            prev_words = next_word_inds[incomplete_inds]
+            if step >= max_new_tokens:
+                break
+            step += 1
+        unfinished = [(seqs[i], top_k_scores[i, 0], seqs_alpha[i]) for i in range(k)]
+
+        def best_first(hypotheses):  # stable: equal scores keep completion order, as caption.py's max()
+            return sorted(hypotheses, key=lambda hypothesis: -float(hypothesis[1]))
+
+        return best_first(complete) + best_first(unfinished)
+
+    def _pack_reference_hypotheses(self, hypotheses, num_positions, generation_config):
+        rows = [hypothesis for image_hypotheses in hypotheses for hypothesis in image_hypotheses]
+        length = max(tokens.shape[0] for tokens, _, _ in rows)
+        sequences = rows[0][0].new_full((len(rows), length), self.config.pad_token_id)
+        scores = torch.stack([score for _, score, _ in rows])
+        alphas = rows[0][2].new_zeros(len(rows), length - 1, num_positions)
+        for row, (tokens, _, token_alphas) in enumerate(rows):
+            sequences[row, : tokens.shape[0]] = tokens
+            alphas[row, : token_alphas.shape[0]] = token_alphas
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return ShowAttendTellBeamSearchOutput(
+            sequences=sequences,
+            sequences_scores=scores,
+            cross_attentions=(alphas,) if generation_config.output_attentions else None,
+        )
+
+
+__all__ = [
+    "ShowAttendTellDecoderState",
+    "ShowAttendTellForConditionalGeneration",
+    "ShowAttendTellPreTrainedModel",
+]
