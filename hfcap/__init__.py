@@ -1,9 +1,11 @@
 """hfcap: landmark image-captioning models as faithful Hugging Face models.
 
 `import hfcap` registers every hfcap architecture with the Auto classes (`AutoConfig`, `AutoModel` and
-`AutoModelForImageTextToText` return the generating class, `AutoProcessor` the captioning processor). Data, metrics
-and training live in `hfcap.data`, `hfcap.metrics` and `hfcap.training`, imported on demand: the model, processor and
-generation code need neither `datasets` nor `pycocoevalcap`.
+`AutoModelForImageTextToText` return the generating class, `AutoProcessor` the captioning processor), marks the
+classes as Hub remote code (every `save_pretrained` copies their source files and writes `auto_map`), and makes
+`pipeline("image-to-text")` caption images given alone (`hfcap.pipelines`). Data, metrics and training live in
+`hfcap.data`, `hfcap.metrics` and `hfcap.training`, imported on demand: the model, processor and generation code
+need neither `datasets` nor `pycocoevalcap`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor

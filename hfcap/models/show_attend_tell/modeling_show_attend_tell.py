@@ -479,6 +479,14 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         # The decoder is recurrent: its cache is a ShowAttendTellDecoderState created in `forward`, not a KV cache.
         return False
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; as Hub remote code, `auto_map` also maps `AutoModel` to this class
+        (transformers records only one auto class per model class)."""
+        if self.is_remote_code():
+            class_ref = f"{type(self).__module__.rpartition('.')[2]}.{type(self).__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": class_ref}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def forward(
         self,
         pixel_values=None,

@@ -1,0 +1,241 @@
+"""Caption every image of a dataset split and score the captions: ``evaluate_captioner`` and ``hfcap evaluate``.
+
+API
+---
+``generate_captions(model, processor, dataset, *, accelerator=None, batch_size=32, generate_kwargs=None)
+-> dict[int, str]``
+    ``image_id -> caption`` for every row of ``dataset`` (columns ``image``, ``image_id``), in dataset order. With an
+    ``accelerator`` each process captions its shard; sequences are padded across processes and gathered with
+    ``gather_for_metrics`` (which drops the duplicates of the uneven last batch), so every process returns the full,
+    duplicate-free dict. ``model`` may be wrapped (DDP); ``generate`` runs on the unwrapped model in eval mode.
+``evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_size=32, generate_kwargs=None,
+output_dir=None, split="test", full_metrics=True) -> dict[str, float]``
+    ``generate_captions`` + scores against ``dataset["captions"]``. ``full_metrics=True``: the COCO protocol
+    (``hfcap.metrics.compute_caption_metrics``: PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when its
+    jars are present; needs Java). ``full_metrics=False``: ``{"CIDEr-D": ...}`` only, corpus CIDEr-D on
+    ``simple_tokenize`` words (no Java, seconds for 5k images; for per-epoch validation). Scored on the main process,
+    then broadcast: every process returns the same dict. With ``output_dir`` the main process writes
+    ``metrics.json`` ({split, num_images, generate_kwargs, metrics}), ``metrics.md`` (a markdown table) and the COCO
+    results file ``captions_<split>_results.json`` = ``[{"image_id": int, "caption": str}, ...]``.
+
+``generate_kwargs`` go to ``model.generate`` unchanged (``num_beams``, ``max_new_tokens``, ``custom_generate=
+hfcap.reference_beam_search`` for the authors' beam search, ...); unset ones come from the model's generation_config.
+
+CLI (configure_parser / run): ``hfcap evaluate --model DIR --data scenes|karpathy|coco|folder --split test
+--output DIR [--karpathy-json JSON --images-root DIR | --coco-annotations JSON --images-root DIR | --folder DIR]
+[--num-beams K] [--max-new-tokens N] [--reference-beam-search] [--batch-size B] [--max-images N] [--cider-only]``.
+Runs distributed under ``accelerate launch -m hfcap.cli evaluate ...``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .scst import eos_mask
+
+
+def image_collate_fn(processor):
+    """DataLoader ``collate_fn``: rows with ``image``, ``image_id`` ->
+    ``{"pixel_values": (b, 3, H, W), "image_id": (b,)}``."""
+
+    def collate(rows):
+        pixel_values = processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "image_id": torch.tensor([row["image_id"] for row in rows])}
+
+    return collate
+
+
+def generate_captions(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
+                      generate_kwargs: dict | None = None) -> dict[int, str]:
+    """``image_id -> generated caption`` for every row of ``dataset``; see the module doc."""
+    from tqdm.auto import tqdm
+
+    generate_kwargs = dict(generate_kwargs or {})
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("evaluation scores one caption per image: do not set num_return_sequences")
+    image_ids = [int(i) for i in dataset["image_id"]]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError(f"the dataset has {len(image_ids) - len(set(image_ids))} duplicate image_id values; "
+                         "COCO results need one caption per image id")
+    loader = torch.utils.data.DataLoader(dataset.select_columns(["image", "image_id"]), batch_size=batch_size,
+                                         shuffle=False, collate_fn=image_collate_fn(processor))
+    if accelerator is not None:
+        from accelerate.data_loader import prepare_data_loader
+
+        # The module function, not accelerator.prepare_data_loader: that one registers every evaluation loader for
+        # save_state, so each validation would add a sampler to the checkpoints.
+        loader = prepare_data_loader(loader, accelerator.device, num_processes=accelerator.num_processes,
+                                     process_index=accelerator.process_index, put_on_device=True)
+        model = accelerator.unwrap_model(model)
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    was_training = model.training
+    model.eval()
+    predictions = {}
+    show = accelerator is None or accelerator.is_local_main_process
+    try:
+        for batch in tqdm(loader, desc="Captioning", unit="batch", disable=not show):
+            pixel_values = batch["pixel_values"].to(model.device)
+            with torch.no_grad():
+                output = model.generate(pixel_values=pixel_values, **generate_kwargs)
+            sequences = output if torch.is_tensor(output) else output.sequences  # (b, L), starting with bos
+            keep, _ = eos_mask(sequences, eos)
+            sequences = sequences.masked_fill(~keep, pad)
+            ids = batch["image_id"].to(sequences.device)
+            if accelerator is not None:
+                sequences = accelerator.pad_across_processes(sequences, dim=1, pad_index=pad)
+                ids, sequences = accelerator.gather_for_metrics((ids, sequences))
+            for image_id, caption in zip(ids.tolist(), processor.batch_decode(sequences, skip_special_tokens=True)):
+                predictions[image_id] = caption.strip()
+    finally:
+        model.train(was_training)
+    if len(predictions) != len(image_ids):
+        raise RuntimeError(f"captioned {len(predictions)} distinct images but the dataset has {len(image_ids)}")
+    return {image_id: predictions[image_id] for image_id in image_ids}
+
+
+def score_captions(predictions: dict[int, str], references: dict[int, list[str]], *, full_metrics: bool = True
+                   ) -> dict[str, float]:
+    """COCO metrics (``full_metrics``) or corpus CIDEr-D on ``simple_tokenize`` words only (``{"CIDEr-D": ...}``)."""
+    if full_metrics:
+        from hfcap.metrics import compute_caption_metrics
+
+        return compute_caption_metrics(predictions, references)
+    from hfcap.metrics import cider_d_corpus, simple_tokenize
+
+    ids = list(predictions)
+    mean, _ = cider_d_corpus([simple_tokenize(predictions[i]) for i in ids],
+                             [[simple_tokenize(ref) for ref in references[i]] for i in ids])
+    return {"CIDEr-D": mean}
+
+
+def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
+                       generate_kwargs: dict | None = None, output_dir=None, split: str = "test",
+                       full_metrics: bool = True) -> dict[str, float]:
+    """Caption ``dataset`` (columns ``image``, ``captions``, ``image_id``) and score it; see the module doc."""
+    predictions = generate_captions(model, processor, dataset, accelerator=accelerator, batch_size=batch_size,
+                                    generate_kwargs=generate_kwargs)
+    is_main = accelerator is None or accelerator.is_main_process
+    metrics = None
+    if is_main:
+        references = dict(zip((int(i) for i in dataset["image_id"]), dataset["captions"]))
+        metrics = score_captions(predictions, references, full_metrics=full_metrics)
+        if output_dir is not None:
+            write_results(output_dir, split, predictions, metrics, generate_kwargs or {})
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        metrics = broadcast_object_list([metrics])[0]
+    return metrics
+
+
+def write_results(output_dir, split: str, predictions: dict[int, str], metrics: dict[str, float],
+                  generate_kwargs: dict) -> Path:
+    """Write ``metrics.json``, ``metrics.md`` and ``captions_<split>_results.json`` into ``output_dir``."""
+    from hfcap.metrics import format_metrics_table
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
+    (output_dir / f"captions_{split}_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    settings = {key: value if isinstance(value, (bool, int, float, str, type(None))) else
+                getattr(value, "__name__", repr(value)) for key, value in generate_kwargs.items()}
+    summary = {"split": split, "num_images": len(predictions), "generate_kwargs": settings, "metrics": metrics}
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / "metrics.md").write_text(format_metrics_table({split: metrics}) + "\n")
+    return output_dir
+
+
+def configure_parser(parser):
+    """Arguments of ``hfcap evaluate``."""
+    parser.add_argument("--model", required=True, help="A save_pretrained directory (model + processor).")
+    parser.add_argument("--data", choices=("scenes", "karpathy", "coco", "folder"), default="scenes",
+                        help="Dataset kind (default: scenes).")
+    parser.add_argument("--split", default="test", help="Split to evaluate (default: test; ignored for --data coco).")
+    parser.add_argument("--output", required=True, help="Folder for metrics.json, metrics.md and the results file.")
+    parser.add_argument("--karpathy-json", help="Karpathy dataset_*.json (--data karpathy).")
+    parser.add_argument("--coco-annotations", help="Official COCO captions_*.json (--data coco).")
+    parser.add_argument("--images-root", help="Image folder (--data karpathy / coco).")
+    parser.add_argument("--folder", help="Folder with images + metadata.jsonl / metadata.csv (--data folder).")
+    parser.add_argument("--scenes-dir", help="Cache folder of the scenes dataset (default: $HFCAP_CACHE).")
+    parser.add_argument("--scenes-sizes", type=int, nargs=3, default=(10000, 500, 500),
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="Scenes split sizes the model was trained with (default: 10000 500 500).")
+    parser.add_argument("--scenes-image-size", type=int, default=224, help="Scenes image side (default: 224).")
+    parser.add_argument("--scenes-seed", type=int, default=0, help="Scenes seed (default: 0).")
+    parser.add_argument("--num-beams", type=int, help="Beam size (default: the model's generation_config).")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="Maximum caption length in tokens (default: the model's generation_config).")
+    parser.add_argument("--reference-beam-search", action="store_true",
+                        help="Decode with the authors' beam search (custom_generate=hfcap.reference_beam_search).")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="Images per generate call and process (default: 32).")
+    parser.add_argument("--max-images", type=int, help="Evaluate only the first N images of the split.")
+    parser.add_argument("--cider-only", action="store_true",
+                        help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer).")
+
+
+def load_evaluation_split(args):
+    """The ``datasets.Dataset`` that ``hfcap evaluate`` scores; ValueError when the arguments are incomplete."""
+    from hfcap import data
+
+    if args.data == "karpathy":
+        if not (args.karpathy_json and args.images_root):
+            raise ValueError("--data karpathy needs --karpathy-json and --images-root")
+        splits = data.load_karpathy(args.karpathy_json, args.images_root)
+    elif args.data == "coco":
+        if not (args.coco_annotations and args.images_root):
+            raise ValueError("--data coco needs --coco-annotations and --images-root")
+        splits = {args.split: data.load_coco_captions(args.coco_annotations, args.images_root)}
+    elif args.data == "folder":
+        if not args.folder:
+            raise ValueError("--data folder needs --folder")
+        splits = data.load_caption_folder(args.folder)
+    else:
+        num_train, num_val, num_test = args.scenes_sizes
+        splits = data.load_scenes(args.scenes_dir, num_train=num_train, num_val=num_val, num_test=num_test,
+                                  seed=args.scenes_seed, image_size=args.scenes_image_size)
+    if args.split not in splits:
+        raise ValueError(f"split {args.split!r} not found; the dataset has {sorted(splits)}")
+    dataset = splits[args.split]
+    if len(dataset) == 0:
+        raise ValueError(f"split {args.split!r} is empty")
+    if args.max_images is not None:
+        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    return dataset
+
+
+def run(args) -> int:
+    """``hfcap evaluate``: caption a split, print the metrics table, write the three result files."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import hfcap
+    from hfcap.metrics import format_metrics_table
+
+    if not Path(args.model, "config.json").is_file():
+        print(f"error: --model {args.model} is not a saved model directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        dataset = load_evaluation_split(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator()
+    model = AutoModelForImageTextToText.from_pretrained(args.model).to(accelerator.device)
+    processor = AutoProcessor.from_pretrained(args.model)
+    generate_kwargs = {}
+    if args.num_beams is not None:
+        generate_kwargs["num_beams"] = args.num_beams
+    if args.max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.reference_beam_search:
+        generate_kwargs["custom_generate"] = hfcap.reference_beam_search
+    metrics = evaluate_captioner(model, processor, dataset, accelerator=accelerator, batch_size=args.batch_size,
+                                 generate_kwargs=generate_kwargs, output_dir=args.output, split=args.split,
+                                 full_metrics=not args.cider_only)
+    if accelerator.is_main_process:
+        print(format_metrics_table({args.split: metrics}))
+        print(f"Wrote metrics.json, metrics.md and captions_{args.split}_results.json to {args.output}")
+    return 0

@@ -1,0 +1,282 @@
+"""Sharing on the Hub: model cards (template, metadata, model-index from metrics.json, provenance), `hfcap push` errors,
+and push -> pull round trips against the fake Hub (`hfcap push`, `model.push_to_hub`, `processor.push_to_hub`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from huggingface_hub import ModelCard  # noqa: E402
+from hub_server import USER, FakeHub  # noqa: E402
+from test_pipeline import save_images, save_tiny_captioner  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline  # noqa: E402
+
+from hfcap import hub  # noqa: E402
+from hfcap.cli import main as hfcap_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = {"BLEU-1": 0.7012, "BLEU-2": 0.5321, "BLEU-3": 0.3903, "BLEU-4": 0.2845, "METEOR": 0.2412,
+           "ROUGE-L": 0.5233, "CIDEr-D": 0.9118}
+SUMMARY = {"split": "test", "num_images": 500, "generate_kwargs": {"num_beams": 3}, "metrics": METRICS}
+PUSHED_NAME, MIXIN_REPO, STALE_REPO = "sat-tiny", "hfcap-test/sat-tiny-mixin", "hfcap-test/sat-sharded"
+PUSHED_REPO = f"{USER}/{PUSHED_NAME}"  # pushed without a namespace: the token's user
+STALE_FILES = {  # an earlier, sharded upload in STALE_REPO
+    ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+    "model-00001-of-00002.safetensors": b"old", "model-00002-of-00002.safetensors": b"old",
+    "model.safetensors.index.json": b"{}", "README.md": b"old card\n", "notes.txt": b"kept\n",
+}
+TRAINED = ["--weights", "trained", "--dataset", "hfcap scenes", "--recipe", "XE, 2 epochs"]
+
+# Runs with hfcap importable against the fake Hub: argv = model dir, metrics.json, image. Prints one JSON line.
+HUB_SCRIPT = r"""
+import json, sys
+import hfcap
+from hfcap.cli import main as hfcap_cli
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+model_dir, metrics, image = sys.argv[1:4]
+result = {"push_rc": hfcap_cli(["push", model_dir, "--repo-id", "%(pushed_name)s", "--private", "--metrics", metrics,
+                                "--weights", "trained", "--dataset", "hfcap scenes", "--recipe", "XE, 2 epochs"])}
+
+
+def tokens(repo_id):
+    model = AutoModelForImageTextToText.from_pretrained(repo_id).eval()
+    processor = AutoProcessor.from_pretrained(repo_id)
+    inputs = processor(images=image)
+    return {"beam": model.generate(**inputs).tolist(),
+            "greedy": model.generate(**inputs, num_beams=1, max_new_tokens=5).tolist()}
+
+
+result["stale_push_rc"] = hfcap_cli(["push", model_dir, "--repo-id", "%(stale)s", "--weights", "converted"])
+result["pulled"] = tokens("%(pushed)s")
+card = ModelCard.load("%(pushed)s")
+result["card"] = {"metadata": card.data.to_dict(), "text": card.text,
+                  "eval_results": [[r.metric_name, r.metric_type, r.metric_value, r.dataset_name, r.dataset_split]
+                                   for r in card.data.eval_results]}
+result["private"] = HfApi().model_info("%(pushed)s").private
+result["pipeline"] = pipeline("image-to-text", model="%(pushed)s")(image)
+
+model = AutoModelForImageTextToText.from_pretrained(model_dir)
+model.push_to_hub("%(mixin)s")
+AutoProcessor.from_pretrained(model_dir).push_to_hub("%(mixin)s")
+result["mixin"] = tokens("%(mixin)s")
+print("\nRESULT " + json.dumps(result))
+""" % {"pushed_name": PUSHED_NAME, "pushed": PUSHED_REPO, "mixin": MIXIN_REPO, "stale": STALE_REPO}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_captioner(tmp_path_factory.mktemp("hub") / "model")
+
+
+@pytest.fixture(scope="module")
+def metrics_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "metrics.json"
+    path.write_text(json.dumps(SUMMARY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def round_trip(model_dir, metrics_file, tmp_path_factory):
+    """Run HUB_SCRIPT against a fresh fake Hub; returns (its JSON result, the Hub's repos, the image path)."""
+    home = tmp_path_factory.mktemp("hub-home")
+    image = save_images(home)[0]
+    with FakeHub() as fake_hub:
+        fake_hub.seed(STALE_REPO, STALE_FILES)
+        env = {
+            "PATH": os.environ["PATH"], "HOME": str(home), "HF_ENDPOINT": fake_hub.url, "HF_TOKEN": "hf_fake",
+            "HF_HUB_OFFLINE": "0", "HF_HOME": str(home / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        process = subprocess.run(
+            [sys.executable, "-c", HUB_SCRIPT, str(model_dir), str(metrics_file), str(image)],
+            cwd=home, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        )
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    assert process.returncode == 0 and lines, process.stdout[-5000:] + process.stderr[-5000:]
+    return json.loads(lines[-1].removeprefix("RESULT ")), fake_hub.repos, image
+
+
+@pytest.fixture(scope="module")
+def local_tokens(model_dir, round_trip):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    inputs = AutoProcessor.from_pretrained(model_dir)(images=Image.open(round_trip[2]))
+    return {"beam": model.generate(**inputs).tolist(),
+            "greedy": model.generate(**inputs, num_beams=1, max_new_tokens=5).tolist()}
+
+
+# --- hfcap push: one commit with everything, then from_pretrained / card / pipeline from the repo id --------------
+
+
+def test_hfcap_push_makes_one_commit_with_model_processor_code_and_card(round_trip):
+    result, repos, _ = round_trip
+    assert result["push_rc"] == 0
+    repo = repos[PUSHED_REPO]
+    assert repo.private and result["private"] is True
+    initial, pushed = repo.commits  # the Hub's initial commit, then exactly one commit for the push
+    assert set(pushed.files) - set(initial.files) == {
+        "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+        "tokenizer_config.json", "configuration_show_attend_tell.py", "modeling_show_attend_tell.py",
+        "processing_captioning.py", "hfcap_provenance.json", "README.md",
+    }
+    generation = json.loads(pushed.files["generation_config.json"])
+    assert (generation["num_beams"], generation["max_new_tokens"]) == (5, 51)
+    provenance = json.loads(pushed.files["hfcap_provenance.json"])
+    assert provenance["weights"] == "trained" and provenance["dataset"] == "hfcap scenes"
+
+
+def test_push_to_an_existing_repo_replaces_the_model_files(round_trip):
+    result, repos, _ = round_trip
+    assert result["stale_push_rc"] == 0
+    seeded, pushed = repos[STALE_REPO].commits
+    assert not repos[STALE_REPO].private
+    assert {"model.safetensors", "modeling_show_attend_tell.py", ".gitattributes", "notes.txt"} <= set(pushed.files)
+    assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json"} & set(pushed.files)
+    assert pushed.files["README.md"].startswith(b"---\n") and b"Converted from" in pushed.files["README.md"]
+
+
+def test_pulled_model_generates_the_same_tokens(round_trip, local_tokens):
+    assert round_trip[0]["pulled"] == local_tokens
+
+
+def test_pushed_card_round_trips_metadata_and_metrics(round_trip):
+    card = round_trip[0]["card"]
+    metadata = card["metadata"]
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-text-to-text"
+    assert {"image-captioning", "hfcap", "show-attend-tell"} <= set(metadata["tags"])
+    assert metadata["license"] == "apache-2.0"
+    assert sorted(metadata["metrics"]) == ["bleu", "cider", "meteor", "rouge"]
+    assert {name: value for name, _, value, _, _ in card["eval_results"]} == METRICS
+    assert {(dataset, split) for *_, dataset, split in card["eval_results"]} == {("hfcap scenes", "test")}
+    assert "Trained by hfcap" in card["text"] and "XE, 2 epochs" in card["text"]
+    assert "| 0.2845 |" in card["text"]  # hfcap's BLEU-4 in the measured table
+    assert "| soft | 70.7 |" in card["text"]  # the paper's table, outside the model-index
+    assert f'pipeline("image-to-text", model="{PUSHED_REPO}")' in card["text"]
+
+
+def test_pipeline_from_repo_id(round_trip, model_dir):
+    result, _, image = round_trip
+    assert result["pipeline"] == pipeline("image-to-text", model=str(model_dir))(str(image))
+
+
+def test_model_and_processor_push_to_hub(round_trip, local_tokens):
+    result, repos, _ = round_trip
+    files = repos[MIXIN_REPO].commits[-1].files
+    assert {"modeling_show_attend_tell.py", "processing_captioning.py", "processor_config.json"} <= set(files)
+    assert result["mixin"] == local_tokens
+
+
+@pytest.mark.parametrize("repo_id", [PUSHED_REPO, MIXIN_REPO])
+def test_pushed_repos_map_every_auto_class(round_trip, repo_id):
+    files = round_trip[1][repo_id].commits[-1].files
+    assert set(json.loads(files["config.json"])["auto_map"]) == {
+        "AutoConfig", "AutoModel", "AutoModelForImageTextToText"
+    }
+    assert json.loads(files["processor_config.json"])["auto_map"] == {
+        "AutoProcessor": "processing_captioning.CaptioningProcessor"
+    }
+
+
+# --- model cards ----------------------------------------------------------------------------------------------------
+
+
+def test_card_from_metrics_json(model_dir, metrics_file):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
+    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
+                          evaluation=hub.read_metrics(metrics_file))
+    reloaded = ModelCard(str(card))
+    assert reloaded.data.datasets == ["yerevann/coco-karpathy"]
+    assert reloaded.data.license == "mit"
+    assert {result.metric_name: result.metric_value for result in reloaded.data.eval_results} == METRICS
+    assert {result.dataset_name for result in reloaded.data.eval_results} == {"COCO (Karpathy split)"}
+    for section in ("## Intended use", "## How the weights were obtained", "## Training data", "## Training recipe",
+                    "## Evaluation", "## Limitations and biases", "## Citation"):
+        assert section in reloaded.text
+    assert "Converted from the tutorial author's released checkpoint" in reloaded.text
+    assert "`num_beams=5`, `max_new_tokens=51`" in reloaded.text
+    assert 'pipeline("image-to-text", model="org/sat")' in reloaded.text
+    flickr = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
+                            evaluation=hub.read_metrics(metrics_file), eval_dataset="Flickr8k")
+    assert {(result.dataset_type, result.dataset_name) for result in flickr.data.eval_results} == {
+        ("Flickr8k", "Flickr8k")
+    }
+
+
+def test_card_without_metrics_has_no_model_index(model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
+    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance)
+    assert ModelCard(str(card)).data.eval_results is None
+    assert "model-index:" not in str(card)
+    assert "Not evaluated by hfcap yet" in card.text
+    assert "| hard | 71.8 |" in card.text
+
+
+def test_committed_reference_card_is_current():
+    assert str(hub.reference_card("show_attend_tell")) == (ROOT / "model_cards/show-attend-tell.md").read_text()
+
+
+def test_read_metrics_accepts_flat_dicts_and_rejects_bad_files(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"CIDEr-D": 1.2}))
+    assert hub.read_metrics(flat) == hub.Evaluation(metrics={"CIDEr-D": 1.2})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"metrics": {"CIDEr": 1.2}}))
+    with pytest.raises(ValueError, match="unknown metric keys \\['CIDEr'\\]"):
+        hub.read_metrics(bad)
+    bad.write_text(json.dumps({"BLEU-4": "high"}))
+    with pytest.raises(ValueError, match="must be numbers"):
+        hub.read_metrics(bad)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        hub.read_metrics(tmp_path / "missing.json")
+
+
+def test_provenance_file_and_overrides(tmp_path):
+    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "dataset": "Flickr8k"}))
+    provenance = hub.resolve_provenance(tmp_path, "show_attend_tell", recipe="SCST")
+    assert (provenance.weights, provenance.dataset, provenance.recipe) == ("trained", "Flickr8k", "SCST")
+    converted = hub.resolve_provenance(tmp_path, "show_attend_tell", weights="converted", dataset=None)
+    assert converted.source.startswith("the tutorial author's released checkpoint")
+    assert converted.dataset == "Flickr8k"  # the file's value still overrides the architecture default
+    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained"}))
+    with pytest.raises(ValueError, match="needs --dataset"):
+        hub.resolve_provenance(tmp_path, "show_attend_tell")
+    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "origin": "x"}))
+    with pytest.raises(ValueError, match="unknown keys \\['origin'\\]"):
+        hub.resolve_provenance(tmp_path, "show_attend_tell")
+
+
+# --- hfcap push: bad inputs fail before anything is uploaded ---------------------------------------------------------
+
+
+def test_push_rejects_directories_that_are_not_hfcap_models(model_dir, tmp_path, capsys):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    no_processor = tmp_path / "no_processor"
+    no_processor.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (no_processor / name).write_bytes((model_dir / name).read_bytes())
+    cases = [
+        (tmp_path / "absent", "is not a directory"),
+        (tmp_path, "has no config.json"),
+        (bert, "holds a 'bert' model, not an hfcap model"),
+        (no_processor, "has no processor"),
+    ]
+    for directory, message in cases:
+        assert hfcap_cli(["push", str(directory), "--repo-id", "org/x", *TRAINED]) == 2
+        assert message in capsys.readouterr().err
+    assert hfcap_cli(["push", str(model_dir), "--repo-id", "org/x"]) == 2
+    assert "--weights converted" in capsys.readouterr().err
+    assert hfcap_cli(["push", str(model_dir), "--repo-id", "org/x", "--metrics", str(tmp_path / "m.json"),
+                      *TRAINED]) == 2
+    assert "metrics file not found" in capsys.readouterr().err
