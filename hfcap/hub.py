@@ -6,6 +6,7 @@ CLI:    hfcap push DIR --repo-id ORG/NAME [--private] [--metrics metrics.json] [
 Python: push_to_hub(model_dir, repo_id, ...) -> CommitInfo     everything in ONE commit (HfApi.upload_folder)
         model_card(config, generation_config, repo_id=..., provenance=..., evaluation=None) -> ModelCard
         reference_card(model_type) -> ModelCard                 the cards in model_cards/ (authors' weights)
+        write_provenance(model_dir, **fields) -> Path           record how a model directory's weights were obtained
 
 `model.push_to_hub(repo)` and `processor.push_to_hub(repo)` work as well: `import hfcap` registers the classes for
 remote code, so every `save_pretrained` writes `auto_map` and copies the configuration/modeling/processing files.
@@ -13,17 +14,21 @@ remote code, so every `save_pretrained` writes `auto_map` and copies the configu
 remote code and only model files, not training leftovers), adds `hfcap_provenance.json` and the model card, and
 uploads them in one commit.
 
-Model cards are rendered from the single Jinja template `model_cards/template.md` with `ModelCard.from_template`.
+Model cards are rendered from the single Jinja template `hfcap/model_card_template.md` (package data, so installed
+copies of hfcap have it) with `ModelCard.from_template`; the rendered cards of the authors' weights are in the
+repository's `model_cards/`.
 Metadata: `library_name: transformers` (the repo loads with transformers' Auto classes and pipeline, through remote
 code or hfcap's registration; with another library name `pipeline(model=repo_id)` refuses to infer the task and the
 Hub shows no transformers snippet) plus the `hfcap` tag, `pipeline_tag: image-text-to-text` (transformers 5 and the
 Hub no longer support "image-to-text"), `datasets`, and a `model-index` holding only results hfcap measured
-(`--metrics`, the `metrics.json` of `hfcap evaluate`). The original papers' results appear in a separate table,
-labelled as theirs.
+(`--metrics`, the `metrics.json` of `hfcap evaluate`), described by the protocol that file records (`protocol`:
+"coco", or "cider-d-only" for `hfcap evaluate --cider-only`). The original papers' results appear in a separate
+table, labelled as theirs.
 
 How the weights were obtained comes from `hfcap_provenance.json` in the model directory when present (keys: the
-fields of `Provenance`), overridden by the CLI flags; `weights="converted"` fills every other field with the
-architecture's facts about the authors' released checkpoint.
+fields of `Provenance`; `hfcap convert` writes it, and `write_provenance` is the one writer), overridden by the CLI
+flags; `weights="converted"` fills every other field with the architecture's facts about the authors' released
+checkpoint.
 """
 
 import argparse
@@ -38,8 +43,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from . import MODELS
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 PROVENANCE_FILE = "hfcap_provenance.json"
+WEIGHTS = ("converted", "trained")
+"""Values of `Provenance.weights`."""
 METRICS = {
     "BLEU-1": "bleu",
     "BLEU-2": "bleu",
@@ -63,12 +70,29 @@ INTENDED_USE = (
     "inferring identity or sensitive attributes of people, surveillance, medical or other specialist images, and "
     "languages other than English."
 )
-EVALUATION_PROTOCOL = (
-    "hfcap scores generated captions with the COCO caption evaluation code (pycocoevalcap): references and candidates "
-    "go through the PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (SPICE when its Java dependencies are "
-    "installed) are computed against all reference captions of each image (`hfcap evaluate`). Scores are the raw "
-    "pycocoevalcap values: BLEU, METEOR, ROUGE-L and SPICE in [0, 1], CIDEr-D unscaled; papers print them ×100."
-)
+EVALUATION_PROTOCOLS = {
+    "coco": (
+        "hfcap scores generated captions with the COCO caption evaluation code (pycocoevalcap): references and "
+        "candidates go through the PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (SPICE when its Java "
+        "dependencies are installed) are computed against all reference captions of each image (`hfcap evaluate`). "
+        "Scores are the raw pycocoevalcap values: BLEU, METEOR, ROUGE-L and SPICE in [0, 1], CIDEr-D unscaled; papers "
+        "print them ×100."
+    ),
+    "cider-d-only": (
+        "hfcap scored generated captions in its fast mode (`hfcap evaluate --cider-only`): corpus CIDEr-D only, "
+        "computed as pycocoevalcap computes it (document frequencies from the evaluated images' references, all "
+        "reference captions of each image) but on lowercased words with punctuation removed instead of the PTB "
+        "tokenizer's tokens, so it is close to, not equal to, the COCO evaluation code's CIDEr-D; BLEU, METEOR, "
+        "ROUGE-L and SPICE were not computed. CIDEr-D is unscaled; papers print it ×100."
+    ),
+    None: (
+        "The metrics file these results come from does not record how they were computed (`hfcap evaluate` writes "
+        "its protocol into metrics.json). hfcap's standard protocol is the COCO caption evaluation code "
+        "(pycocoevalcap: PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) against all reference captions "
+        "of each image."
+    ),
+}
+"""metrics.json `protocol` -> how the card describes the evaluation; None: not recorded."""
 GENERIC_LIMITATIONS = (
     "- The model reproduces the biases of its training captions. COCO captions over-represent some groups and "
     "scenes and describe people with stereotyped words (e.g. guessing gender from context, Hendricks et al. 2018); "
@@ -102,6 +126,10 @@ class Provenance:
     license: str = "apache-2.0"
 
 
+PROVENANCE_FIELDS = tuple(field.name for field in dataclasses.fields(Provenance))
+"""The keys `hfcap_provenance.json` may hold (and the `hfcap push` provenance flags)."""
+
+
 @dataclass(frozen=True)
 class ReportedResults:
     """A results table from the original authors' publication."""
@@ -130,12 +158,14 @@ class Architecture:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """An `hfcap evaluate` result: `metrics` (keys of `METRICS`), and how they were obtained."""
+    """An `hfcap evaluate` result: `metrics` (keys of `METRICS`), and how they were obtained (`protocol`: a key of
+    `EVALUATION_PROTOCOLS`)."""
 
     metrics: dict
     split: str | None = None
     num_images: int | None = None
     generate_kwargs: dict = dataclasses.field(default_factory=dict)
+    protocol: str | None = None
 
 
 SHOW_ATTEND_TELL = Architecture(
@@ -241,8 +271,9 @@ def _architecture(model_type: str) -> Architecture:
 
 
 def read_metrics(path) -> Evaluation:
-    """Read the `metrics.json` of `hfcap evaluate` ({"split", "num_images", "generate_kwargs", "metrics": {...}})
-    or a flat {"BLEU-4": ..., "CIDEr-D": ...} dict. Raises ValueError for unknown keys or non-numeric values."""
+    """Read the `metrics.json` of `hfcap evaluate` ({"split", "num_images", "generate_kwargs", "protocol",
+    "metrics": {...}}) or a flat {"BLEU-4": ..., "CIDEr-D": ...} dict (protocol not recorded). Raises ValueError for
+    unknown keys, non-numeric values, an unknown protocol, or metrics that the protocol does not compute."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -260,12 +291,42 @@ def read_metrics(path) -> Evaluation:
     bad = [key for key, value in metrics.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
     if bad:
         raise ValueError(f"{path}: metric values must be numbers: {', '.join(f'{k}={metrics[k]!r}' for k in bad)}")
+    protocol = summary.get("protocol")
+    if protocol not in EVALUATION_PROTOCOLS:
+        known = ", ".join(repr(name) for name in EVALUATION_PROTOCOLS if name)
+        raise ValueError(f"{path}: unknown protocol {protocol!r}; expected one of {known}")
+    if protocol == "cider-d-only" and set(metrics) != {"CIDEr-D"}:
+        raise ValueError(f"{path}: protocol 'cider-d-only' computes CIDEr-D alone, but the file has {sorted(metrics)}")
     return Evaluation(
         metrics={key: metrics[key] for key in METRICS if key in metrics},
         split=summary.get("split"),
         num_images=summary.get("num_images"),
         generate_kwargs=summary.get("generate_kwargs") or {},
+        protocol=protocol,
     )
+
+
+def write_provenance(model_dir, **fields) -> Path:
+    """Write `hfcap_provenance.json` into `model_dir`: how its weights were obtained, for `hfcap push`'s model card.
+
+    `fields` are `Provenance` fields: `weights` ("converted" or "trained") is required, "trained" needs `dataset`,
+    None values are left out, and what is not given is filled in when the card is made (`resolve_provenance`).
+    Replaces an existing file. Returns its path. Raises ValueError for unknown fields or values.
+    """
+    fields = {key: value for key, value in fields.items() if value is not None}
+    unknown = sorted(set(fields) - set(PROVENANCE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown provenance fields {unknown}; known: {', '.join(PROVENANCE_FIELDS)}")
+    if fields.get("weights") not in WEIGHTS:
+        raise ValueError(f"provenance weights must be one of {', '.join(WEIGHTS)}, got {fields.get('weights')!r}")
+    if fields["weights"] == "trained" and not fields.get("dataset"):
+        raise ValueError("provenance of trained weights needs dataset (the training data's name)")
+    not_text = sorted(key for key, value in fields.items() if not isinstance(value, str))
+    if not_text:
+        raise ValueError(f"provenance fields must be strings: {', '.join(f'{k}={fields[k]!r}' for k in not_text)}")
+    path = Path(model_dir) / PROVENANCE_FILE
+    path.write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def resolve_provenance(model_dir, model_type: str, **overrides) -> Provenance:
@@ -283,7 +344,7 @@ def resolve_provenance(model_dir, model_type: str, **overrides) -> Provenance:
             raise ValueError(f"{provenance_file} is not valid JSON: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{provenance_file} must hold a JSON object")
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(Provenance)})
+        unknown = sorted(set(values) - set(PROVENANCE_FIELDS))
         if unknown:
             raise ValueError(f"{provenance_file}: unknown keys {unknown}")
     values.update({key: value for key, value in overrides.items() if value is not None})
@@ -333,10 +394,12 @@ def model_card(
     eval_dataset: str | None = None,
     eval_dataset_id: str | None = None,
 ) -> ModelCard:
-    """Render the model card of an hfcap model from `model_cards/template.md`.
+    """Render the model card of an hfcap model from `TEMPLATE`.
 
     `evaluation` (hfcap's measured metrics) becomes the `model-index`, on `eval_dataset` / `eval_dataset_id`
-    (default: the training dataset). The original authors' results are rendered as their own tables, outside it.
+    (default: the training dataset), and its `protocol` says how the card describes the evaluation (without
+    `evaluation`: the COCO protocol hfcap uses). The original authors' results are rendered as their own tables,
+    outside the model-index.
     """
     architecture = _architecture(config.model_type)
     if eval_dataset is None:
@@ -402,7 +465,7 @@ def model_card(
         provenance_text=provenance_text,
         training_data=provenance.training_data,
         training_recipe=provenance.recipe,
-        evaluation_protocol=EVALUATION_PROTOCOL,
+        evaluation_protocol=EVALUATION_PROTOCOLS[evaluation.protocol if evaluation else "coco"],
         measured=[(name, f"{value:.4f}") for name, value in evaluation.metrics.items()] if evaluation else None,
         measured_caption=measured_caption,
         reported=architecture.reported,
@@ -499,7 +562,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="hfcap-push-") as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        Path(staging, PROVENANCE_FILE).write_text(json.dumps(dataclasses.asdict(resolved), indent=2) + "\n")
+        write_provenance(staging, **dataclasses.asdict(resolved))
         card.save(Path(staging, "README.md"))
         return api.upload_folder(
             repo_id=repo_id,
@@ -520,7 +583,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     provenance = parser.add_argument_group(
         "provenance", f"how the weights were obtained; override {PROVENANCE_FILE} in DIR"
     )
-    provenance.add_argument("--weights", choices=("converted", "trained"),
+    provenance.add_argument("--weights", choices=WEIGHTS,
                             help="converted from the authors' checkpoint, or trained by hfcap")
     provenance.add_argument("--source", help="the checkpoint converted, or the training run")
     provenance.add_argument("--dataset", help="short name of the training data (required with --weights trained)")
@@ -534,10 +597,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `hfcap push`; a bad model directory, provenance or metrics file, or a Hub error, prints one error line
     and returns 2."""
-    provenance = {
-        field: getattr(args, field)
-        for field in ("weights", "source", "dataset", "dataset_id", "training_data", "recipe", "license")
-    }
+    provenance = {field: getattr(args, field) for field in PROVENANCE_FIELDS}
     try:
         commit = push_to_hub(
             args.model_dir,
@@ -566,4 +626,5 @@ __all__ = [
     "read_metrics",
     "reference_card",
     "resolve_provenance",
+    "write_provenance",
 ]

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from hfcap import hub
 from hfcap.conversion import configure_parser, convert_checkpoint, run
 from hfcap.conversion.safe_unpickle import CheckpointError, CorruptCheckpointError, UnsafePickleError
 from hfcap.conversion.show_attend_tell import RESNET_CHILDREN, map_encoder_state_dict, read_checkpoint
@@ -340,3 +341,21 @@ def test_cli_converts_and_reports_errors(tmp_path, capsys):
                          "--vocab", str(case_dir / "WORDMAP.json"), "--output", str(tmp_path / "x")])
     assert code == 1
     assert "hfcap convert: error: checkpoint file not found:" in capsys.readouterr().err
+
+
+def test_converted_directory_records_its_provenance_for_the_model_card(tmp_path):
+    """`hfcap convert` writes hfcap_provenance.json, so `hfcap push DIR` needs no --weights flag and its model card
+    says that the weights were converted, and from which files."""
+    case_dir = SAT / "small-b"
+    output = tmp_path / "converted"
+    assert _convert_cli(["show-attend-tell", "--checkpoint", str(case_dir / "checkpoint.pth.tar"),
+                         "--vocab", str(case_dir / "WORDMAP.json"), "--output", str(output)]) == 0
+    source = "the show-attend-tell checkpoint `checkpoint.pth.tar` and its vocabulary `WORDMAP.json`"
+    assert json.loads((output / "hfcap_provenance.json").read_text()) == {"weights": "converted", "source": source}
+
+    model, _ = hub.load_for_hub(output)  # what `hfcap push` renders its card from, without the upload
+    provenance = hub.resolve_provenance(output, model.config.model_type)  # no CLI overrides
+    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance)
+    assert f"- **Weights:** converted from {source}.\n" in card.text
+    assert f"Converted from {source} with `hfcap convert show-attend-tell`." in card.text
+    assert card.data.license == "mit" and card.data.datasets == ["yerevann/coco-karpathy"]  # the authors' facts

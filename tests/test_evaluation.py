@@ -11,18 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TRAIN_CAPTIONS, tiny_sat
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import hfcap  # noqa: E402
-from hfcap.data import load_karpathy  # noqa: E402
-from hfcap.training import evaluation  # noqa: E402
-from hfcap.training.evaluation import evaluate_captioner, generate_captions, score_captions  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_scst import TRAIN_CAPTIONS, tiny_sat  # noqa: E402
+import hfcap
+from hfcap import hub
+from hfcap.data import load_karpathy
+from hfcap.training import evaluation
+from hfcap.training.evaluation import evaluate_captioner, generate_captions, score_captions
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TEST = 5  # odd, so 2 processes x batch 2 get an uneven split
@@ -82,6 +79,7 @@ def test_cli_writes_results_metrics_and_table(setup):
     summary = json.loads((output / "metrics.json").read_text())
     assert summary["split"] == "test" and summary["num_images"] == NUM_TEST
     assert summary["generate_kwargs"] == {"num_beams": 2, "max_new_tokens": 5}
+    assert summary["protocol"] == "coco"
     assert COCO_METRICS <= set(summary["metrics"])
     assert all(np.isfinite(value) for value in summary["metrics"].values())
     table = (output / "metrics.md").read_text()
@@ -105,6 +103,23 @@ def test_evaluate_captioner_reference_beam_search_and_fast_metrics(setup):
         assert caption == processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
     summary = json.loads((setup / "fast" / "metrics.json").read_text())
     assert summary["generate_kwargs"]["custom_generate"] == "reference_beam_search"
+    assert summary["protocol"] == "cider-d-only"
+
+
+def test_cider_only_run_is_described_as_such_by_the_model_card(setup):
+    """`hfcap evaluate --cider-only` records its protocol in metrics.json, and `hfcap push --metrics` turns that into
+    the card's description of the evaluation (not the COCO protocol it did not run)."""
+    output = setup / "cider_only"
+    assert main(_cli_args(setup, output, "--cider-only")) == 0
+    summary = json.loads((output / "metrics.json").read_text())
+    assert summary["protocol"] == "cider-d-only" and set(summary["metrics"]) == {"CIDEr-D"}
+    model = AutoModelForImageTextToText.from_pretrained(setup / "model")
+    provenance = hub.resolve_provenance(setup / "model", "show_attend_tell", weights="trained", dataset="tiny")
+    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
+                          evaluation=hub.read_metrics(output / "metrics.json"))
+    assert "fast mode (`hfcap evaluate --cider-only`): corpus CIDEr-D only" in card.text
+    assert "PTB tokenizer, then BLEU" not in card.text
+    assert [(result.metric_name, result.dataset_split) for result in card.data.eval_results] == [("CIDEr-D", "test")]
 
 
 def test_fast_cider_scores_references_above_nonsense():
@@ -140,8 +155,8 @@ import torch
 from accelerate import Accelerator
 sys.path.insert(0, {tests!r})
 from hfcap.training.scst import ScstReward, scst_step
+from conftest import TRAIN_CAPTIONS, tiny_sat
 from test_evaluation import main
-from test_scst import TRAIN_CAPTIONS, tiny_sat
 
 assert main({cli_args!r}) == 0
 accelerator = Accelerator()

@@ -1,22 +1,15 @@
 """Feature cache: training on cached backbone features equals training with the frozen backbone run every step."""
 
 import copy
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TRAIN_CAPTIONS, tiny_sat
 from PIL import Image
 from safetensors import safe_open
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from hfcap.training.feature_cache import CachedFeatureDataset, cache_visual_features  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_scst import TRAIN_CAPTIONS, tiny_sat  # noqa: E402
+from hfcap.training.feature_cache import CachedFeatureDataset, cache_visual_features
 
 NUM_IMAGES = 6
 

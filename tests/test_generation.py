@@ -3,34 +3,20 @@ search's behaviour beyond the fixture images (greedy equivalence, raw scores, be
 beams, errors). Uses the tutorial-trained tiny decoder of the sat/small fixture, so captions end as a real
 captioner's do."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import SAT_FIXTURES, tutorial_sat_model
 from safetensors.torch import load_file
 
 from hfcap.generation import reference_beam_search
-from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from hfcap.models.show_attend_tell import ShowAttendTellForConditionalGeneration
 
-CASE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference" / "sat" / "small"
+CASE = SAT_FIXTURES / "small"
 
 
 @pytest.fixture(scope="module")
 def tutorial():
-    spec = json.loads((CASE / "case.json").read_text())
-    dims = spec["constructor"]["DecoderWithAttention"]
-    specials = spec["word_map"]["specials"]
-    config = ShowAttendTellConfig(
-        **{key: dims[key] for key in ("vocab_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim")},
-        use_backbone=False,
-        pad_token_id=specials["<pad>"],
-        bos_token_id=specials["<start>"],
-        eos_token_id=specials["<end>"],
-        decoder_start_token_id=specials["<start>"],
-    )
-    model = ShowAttendTellForConditionalGeneration(config).to(torch.float64).eval()
-    model.decoder.load_state_dict(torch.load(CASE / "decoder_state_dict.pth", weights_only=True))
+    model = tutorial_sat_model(CASE.name).to(torch.float64)
     fixture_features = load_file(CASE / "inputs.safetensors")["encoder_out"].flatten(1, 2).to(torch.float64)
     generator = torch.Generator().manual_seed(0)
     # fixture images and new ones (their features mixed and perturbed), so the search meets unseen inputs

@@ -8,22 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_images, save_tiny_captioner
+from hub_server import USER, FakeHub
+from huggingface_hub import ModelCard
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from huggingface_hub import ModelCard  # noqa: E402
-from hub_server import USER, FakeHub  # noqa: E402
-from test_pipeline import save_images, save_tiny_captioner  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline  # noqa: E402
-
-from hfcap import hub  # noqa: E402
-from hfcap.cli import main as hfcap_cli  # noqa: E402
+from hfcap import hub
+from hfcap.cli import main as hfcap_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"BLEU-1": 0.7012, "BLEU-2": 0.5321, "BLEU-3": 0.3903, "BLEU-4": 0.2845, "METEOR": 0.2412,
            "ROUGE-L": 0.5233, "CIDEr-D": 0.9118}
-SUMMARY = {"split": "test", "num_images": 500, "generate_kwargs": {"num_beams": 3}, "metrics": METRICS}
+SUMMARY = {"split": "test", "num_images": 500, "generate_kwargs": {"num_beams": 3}, "protocol": "coco",
+           "metrics": METRICS}
 PUSHED_NAME, MIXIN_REPO, STALE_REPO = "sat-tiny", "hfcap-test/sat-tiny-mixin", "hfcap-test/sat-sharded"
 PUSHED_REPO = f"{USER}/{PUSHED_NAME}"  # pushed without a namespace: the token's user
 STALE_FILES = {  # an earlier, sharded upload in STALE_REPO
@@ -221,8 +219,44 @@ def test_card_without_metrics_has_no_model_index(model_dir):
     assert "| hard | 71.8 |" in card.text
 
 
+def test_card_describes_the_evaluation_protocol_of_metrics_json(model_dir, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
+    metrics_file = tmp_path / "metrics.json"
+
+    def card_text(summary):
+        metrics_file.write_text(json.dumps(summary))
+        evaluation = hub.read_metrics(metrics_file)
+        return hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
+                              evaluation=evaluation).text
+
+    coco = card_text(SUMMARY)
+    assert "PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L and CIDEr-D" in coco and "--cider-only" not in coco
+    fast = card_text({**SUMMARY, "protocol": "cider-d-only", "metrics": {"CIDEr-D": 0.91}})
+    assert "fast mode (`hfcap evaluate --cider-only`): corpus CIDEr-D only" in fast
+    assert "BLEU, METEOR, ROUGE-L and SPICE were not computed" in fast and "PTB tokenizer, then BLEU" not in fast
+    unrecorded = card_text(METRICS)  # a flat dict says nothing about its protocol
+    assert "does not record how they were computed" in unrecorded and "PTB tokenizer, then BLEU" not in unrecorded
+    assert "PTB tokenizer, then BLEU" in hub.model_card(model.config, model.generation_config, repo_id="org/sat",
+                                                        provenance=provenance).text  # not evaluated: hfcap's protocol
+
+    metrics_file.write_text(json.dumps({**SUMMARY, "protocol": "coco-ish"}))
+    with pytest.raises(ValueError, match="unknown protocol 'coco-ish'; expected one of 'coco', 'cider-d-only'"):
+        hub.read_metrics(metrics_file)
+    metrics_file.write_text(json.dumps({**SUMMARY, "protocol": "cider-d-only"}))
+    with pytest.raises(ValueError, match="'cider-d-only' computes CIDEr-D alone, but the file has \\['BLEU-1'"):
+        hub.read_metrics(metrics_file)
+
+
 def test_committed_reference_card_is_current():
     assert str(hub.reference_card("show_attend_tell")) == (ROOT / "model_cards/show-attend-tell.md").read_text()
+
+
+def test_card_template_is_package_data():
+    """The template ships inside the hfcap package (pyproject's package-data takes its *.md), so installed copies of
+    hfcap render cards; only the rendered cards live in the repository's model_cards/."""
+    assert hub.TEMPLATE == Path(hub.__file__).parent / "model_card_template.md" and hub.TEMPLATE.is_file()
+    assert sorted(path.name for path in (ROOT / "model_cards").iterdir()) == ["show-attend-tell.md"]
 
 
 def test_read_metrics_accepts_flat_dicts_and_rejects_bad_files(tmp_path):
@@ -238,6 +272,25 @@ def test_read_metrics_accepts_flat_dicts_and_rejects_bad_files(tmp_path):
         hub.read_metrics(bad)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         hub.read_metrics(tmp_path / "missing.json")
+
+
+def test_write_provenance_is_what_resolve_provenance_reads(tmp_path):
+    path = hub.write_provenance(tmp_path, weights="trained", dataset="Flickr8k", recipe="XE then SCST", source=None)
+    assert path == tmp_path / hub.PROVENANCE_FILE
+    assert json.loads(path.read_text()) == {"weights": "trained", "dataset": "Flickr8k", "recipe": "XE then SCST"}
+    provenance = hub.resolve_provenance(tmp_path, "show_attend_tell")
+    assert (provenance.weights, provenance.dataset, provenance.recipe) == ("trained", "Flickr8k", "XE then SCST")
+    hub.write_provenance(tmp_path, weights="converted")  # replaces the file
+    assert hub.resolve_provenance(tmp_path, "show_attend_tell").source.startswith("the tutorial author's released")
+    for fields, message in [
+        ({"weights": "converted", "origin": "x"}, "unknown provenance fields \\['origin'\\]"),
+        ({"dataset": "Flickr8k"}, "weights must be one of converted, trained, got None"),
+        ({"weights": "trained"}, "trained weights needs dataset"),
+        ({"weights": "trained", "dataset": 8}, "must be strings: dataset=8"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            hub.write_provenance(tmp_path / "unwritten", **fields)
+    assert not (tmp_path / "unwritten").exists()
 
 
 def test_provenance_file_and_overrides(tmp_path):

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_processor, tiny_sat_model
 from PIL import Image
 from transformers import BertConfig
 
 from hfcap.cli import main
 from hfcap.generation import reference_beam_search
 from hfcap.inference import caption_images, load_captioner
-from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
-from hfcap.processing import CaptioningProcessor, build_word_level_tokenizer, make_image_processor
+from hfcap.models.show_attend_tell import ShowAttendTellForConditionalGeneration
 from hfcap.visualize import attention_from_generate
 
 CAPTION = "a red circle on the left"
@@ -19,25 +19,12 @@ P, LABEL = 224, 224 // 8
 
 def _tiny_sat(seed=0):
     """A random 64 px SAT (frozen timm resnet10t, 4x4 grid, 16-d decoder) and its processor."""
-    captions = [CAPTION, "two blue squares", "a green star above a circle"]
-    tokenizer = build_word_level_tokenizer(captions, min_frequency=1)
-    config = ShowAttendTellConfig(
-        vocab_size=len(tokenizer),
-        backbone="resnet10t",
-        encoder_dim=512,
-        encoder_grid_size=4,
-        attention_dim=16,
-        embed_dim=16,
-        decoder_dim=16,
-        dropout=0.0,
-        image_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
+    processor = tiny_processor([CAPTION, "two blue squares", "a green star above a circle"], image_size=64)
+    model = tiny_sat_model(
+        processor, seed=seed, backbone="resnet10t", encoder_dim=512, encoder_grid_size=4, attention_dim=16,
+        embed_dim=16, decoder_dim=16, dropout=0.0,
     )
-    torch.manual_seed(seed)
-    return ShowAttendTellForConditionalGeneration(config), CaptioningProcessor(make_image_processor(64), tokenizer)
+    return model, processor
 
 
 def _images(rng, count):

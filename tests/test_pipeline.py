@@ -3,71 +3,24 @@ generation settings, the authors' beam search, prompts, URLs, and clear errors f
 
 import functools
 import http.server
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import CAPTIONER_VOCAB, save_images, save_tiny_captioner
 from PIL import Image
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     VisionTextDualEncoderProcessor,
     pipeline,
 )
 
-import hfcap  # noqa: E402
-from hfcap.pipelines import ImageCaptioningPipeline  # noqa: E402
-from hfcap.processing import CaptioningProcessor, ImageLoadError, make_image_processor  # noqa: E402
+import hfcap
+from hfcap.pipelines import ImageCaptioningPipeline
+from hfcap.processing import ImageLoadError
 
-VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "man", "dog", "riding", "horse", "on", "the", "beach"]
-PAD, BOS, EOS, DOG = 0, 1, 2, VOCAB.index("dog")
-
-
-def save_tiny_captioner(directory, *, seed: int = 0, constant_token: int | None = None) -> Path:
-    """Save a tiny random Show-Attend-Tell (timm resnet10t at 64 px, 8-d attention/embedding/LSTM, the words above)
-    and its CaptioningProcessor to `directory`; generation defaults are the model's own (5 beams, 51 new tokens).
-
-    With `constant_token`, the output layer ignores the decoder state and always ranks that token first, so every
-    decoding strategy emits it at every step (or ends at once if it is eos).
-    """
-    torch.manual_seed(seed)
-    config = hfcap.ShowAttendTellConfig(
-        vocab_size=len(VOCAB), encoder_dim=512, attention_dim=8, embed_dim=8, decoder_dim=8, encoder_grid_size=2,
-        backbone="resnet10t", image_size=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        decoder_start_token_id=BOS,
-    )
-    model = hfcap.ShowAttendTellForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        if constant_token is None:  # larger weights than the init, so that the captions depend on the image
-            model.decoder.init_h.weight.normal_(std=0.2)
-            model.decoder.init_c.weight.normal_(std=0.2)
-            model.decoder.fc.weight.normal_(std=3.0)
-            model.decoder.fc.bias.normal_()
-        else:
-            model.decoder.fc.weight.zero_()
-            model.decoder.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(constant_token), len(VOCAB)) * 10.0)
-    tokenizer = hfcap.tokenizer_from_vocabulary(
-        VOCAB, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    model.save_pretrained(directory)
-    CaptioningProcessor(make_image_processor(64), tokenizer).save_pretrained(directory)
-    return Path(directory)
-
-
-def save_images(directory) -> list[Path]:
-    """Three small PNGs of different content and modes (RGB, grayscale, RGBA)."""
-    rng = np.random.default_rng(0)
-    paths = [Path(directory, f"image{i}.png") for i in range(3)]
-    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[0])
-    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), mode="L").save(paths[1])
-    Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), mode="RGBA").save(paths[2])
-    return paths
+EOS, DOG = CAPTIONER_VOCAB.index("<eos>"), CAPTIONER_VOCAB.index("dog")
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +150,21 @@ def test_unreadable_images_name_the_file(captioner, tmp_path):
         captioner(text="a man")
 
 
-def test_model_directory_without_processor(model_dir, tmp_path):
+def _copy_model_without_processor(model_dir, directory):
     for name in ("config.json", "generation_config.json", "model.safetensors"):
-        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+        (directory / name).write_bytes((model_dir / name).read_bytes())
+
+
+def test_model_directory_without_processor(model_dir, tmp_path):
+    _copy_model_without_processor(model_dir, tmp_path)
     with pytest.raises(OSError, match=r"(?i)processor.*" + str(tmp_path)):
         pipeline("image-to-text", model=str(tmp_path))
+
+
+def test_model_directory_without_processor_names_the_missing_files(model_dir, tmp_path):
+    """Not transformers' "Can't load image processor ... preprocessor_config.json" (a file hfcap never writes)."""
+    _copy_model_without_processor(model_dir, tmp_path)
+    missing = "it has no processor_config.json, tokenizer.json, tokenizer_config.json"
+    with pytest.raises(FileNotFoundError, match=f"captioning processor from {tmp_path}: {missing}") as error:
+        pipeline("image-to-text", model=str(tmp_path))
+    assert "processor.save_pretrained" in str(error.value) and "preprocessor_config" not in str(error.value)

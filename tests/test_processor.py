@@ -1,19 +1,16 @@
 """Image loading (every PIL mode, arrays, bad files), image processor, CaptioningProcessor layouts and save/load."""
 
-import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig, AutoProcessor, PreTrainedConfig
+from transformers.image_utils import PILImageResampling
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from transformers import AutoConfig, AutoProcessor, PreTrainedConfig  # noqa: E402
-from transformers.image_utils import PILImageResampling  # noqa: E402
-
-from hfcap.processing import (  # noqa: E402
+from hfcap.processing import (
     CaptioningProcessor,
     ImageLoadError,
     load_image,
@@ -188,11 +185,17 @@ class _DummyConfig(PreTrainedConfig):
     model_type = "hfcap_test_processor"
 
 
-def test_save_load_with_autoprocessor(processor, tmp_path):
+@pytest.fixture
+def dummy_config():
+    """A config class whose AutoProcessor is CaptioningProcessor (as `import hfcap` registers each model's)."""
     AutoConfig.register(_DummyConfig.model_type, _DummyConfig, exist_ok=True)
     AutoProcessor.register(_DummyConfig, CaptioningProcessor, exist_ok=True)
+    return _DummyConfig
+
+
+def test_save_load_with_autoprocessor(processor, dummy_config, tmp_path):
     processor.save_pretrained(tmp_path)
-    _DummyConfig().save_pretrained(tmp_path)
+    dummy_config().save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is CaptioningProcessor and loaded.max_caption_length == 3
     assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
@@ -203,3 +206,17 @@ def test_save_load_with_autoprocessor(processor, tmp_path):
     with pytest.warns(UserWarning):
         got = loaded(**kwargs)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_directory_without_processor_files_names_them(processor, dummy_config, tmp_path):
+    """A model directory saved without its processor: a FileNotFoundError naming the missing files and how to write
+    them, not transformers' request for a preprocessor_config.json (which a CaptioningProcessor never writes)."""
+    dummy_config().save_pretrained(tmp_path)
+    message = f"from {re.escape(str(tmp_path))}: it has no processor_config.json, tokenizer.json, tokenizer_config.json"
+    for load in (AutoProcessor.from_pretrained, CaptioningProcessor.from_pretrained):
+        with pytest.raises(FileNotFoundError, match=rf"{message}\..*processor\.save_pretrained\(directory\)"):
+            load(tmp_path)
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()  # transformers would load a tokenizer without pad/bos/eos
+    with pytest.raises(FileNotFoundError, match=r"it has no tokenizer_config\.json\."):
+        AutoProcessor.from_pretrained(tmp_path)

@@ -10,15 +10,12 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import save_images, save_tiny_captioner
+from hub_server import FakeHub
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from hub_server import FakeHub  # noqa: E402
-from test_pipeline import save_images, save_tiny_captioner  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline  # noqa: E402
-
-import hfcap  # noqa: E402
+import hfcap
 
 REPO_ID = "hfcap-test/show-attend-tell-tiny"
 HFCAP = Path(hfcap.__file__).parent

@@ -1,19 +1,14 @@
 """SCST: baselines, loss normalisations and sign, the CIDEr-D reward's EOS and df modes, and scst_step on a tiny SAT."""
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import TRAIN_CAPTIONS, tiny_sat
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from hfcap.metrics import CiderD  # noqa: E402
-from hfcap.models.show_attend_tell.configuration_show_attend_tell import ShowAttendTellConfig  # noqa: E402
-from hfcap.models.show_attend_tell.modeling_show_attend_tell import ShowAttendTellForConditionalGeneration  # noqa: E402
-from hfcap.processing import CaptioningProcessor, build_word_level_tokenizer, make_image_processor  # noqa: E402
-from hfcap.training.scst import (  # noqa: E402
+from hfcap.metrics import CiderD
+from hfcap.training.scst import (
     ScstReward,
     compute_advantages,
     eos_mask,
@@ -21,27 +16,6 @@ from hfcap.training.scst import (  # noqa: E402
     scst_step,
     sequence_log_probs,
 )
-
-TRAIN_CAPTIONS = [
-    ["a red circle on the left", "a red circle"],
-    ["a blue square at the top", "one blue square"],
-    ["two green triangles", "green triangles on the right"],
-    ["a yellow star", "a small yellow star on the left"],
-]
-
-
-def tiny_sat(use_backbone=True, seed=0, dropout=0.0):
-    """A random Show-Attend-Tell on timm's `test_resnet` (96 channels, 2x2 grid) + its processor (32 px images)."""
-    tokenizer = build_word_level_tokenizer([c for caps in TRAIN_CAPTIONS for c in caps], min_frequency=1)
-    processor = CaptioningProcessor(make_image_processor(32), tokenizer, max_caption_length=12)
-    config = ShowAttendTellConfig(
-        vocab_size=len(tokenizer), encoder_dim=96, attention_dim=16, embed_dim=16, decoder_dim=16, encoder_grid_size=2,
-        backbone="test_resnet", use_backbone=use_backbone, image_size=32, dropout=dropout,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(seed)
-    return ShowAttendTellForConditionalGeneration(config), processor
 
 
 # ---------------------------------------------------------------- baselines

@@ -1,21 +1,18 @@
 """Show-Attend-Tell vs the tutorial's own outputs (fixtures made with sgrvinod's original code, see the fixture README).
 
 The hfcap model is built features-only from each case's constructor arguments and loaded with the tutorial decoder's
-state dict (`decoder_state_dict.pth`, weights_only) under the same parameter names. Conversion of the pickled
+state dict (`decoder_state_dict.pth`, weights_only) under the same parameter names (`conftest.tutorial_sat_model`).
+Conversion of the pickled
 checkpoint itself is tested with the converter.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import SAT_FIXTURES, tutorial_sat_model
 from safetensors.torch import load_file
 
 from hfcap.generation import reference_beam_search
-from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference" / "sat"
 CASES = ["small", "small-b"]
 BEAM_SIZES = [1, 3, 5]
 # float32 tolerances recommended by case.json ("fp32_port_vs_expected"); float64 must agree to 1e-8.
@@ -23,33 +20,9 @@ FP32_TOLERANCES = {"logits": 5e-5, "alphas": 1e-6, "losses": 2e-5, "scores": 2e-
 FP64_TOLERANCE = 1e-8
 
 
-def build_tutorial_model(case):
-    case_dir = FIXTURES / case
-    spec = json.loads((case_dir / "case.json").read_text())
-    dims = spec["constructor"]["DecoderWithAttention"]
-    specials = spec["word_map"]["specials"]
-    config = ShowAttendTellConfig(
-        vocab_size=dims["vocab_size"],
-        encoder_dim=dims["encoder_dim"],
-        attention_dim=dims["attention_dim"],
-        embed_dim=dims["embed_dim"],
-        decoder_dim=dims["decoder_dim"],
-        dropout=dims["dropout"],
-        use_backbone=False,
-        pad_token_id=specials["<pad>"],
-        bos_token_id=specials["<start>"],
-        eos_token_id=specials["<end>"],
-        decoder_start_token_id=specials["<start>"],
-    )
-    model = ShowAttendTellForConditionalGeneration(config).eval()
-    state_dict = torch.load(case_dir / "decoder_state_dict.pth", weights_only=True)
-    model.decoder.load_state_dict(state_dict, strict=True)
-    return model
-
-
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    case_dir = FIXTURES / request.param
+    case_dir = SAT_FIXTURES / request.param
     inputs = load_file(case_dir / "inputs.safetensors")
     captions = inputs["encoded_captions"]  # <start> w... <end> <pad>...
     caption_lengths = inputs["caption_lengths"].squeeze(1)  # words + 2
@@ -59,7 +32,7 @@ def case(request):
     labels[torch.arange(steps) >= decode_lengths[:, None]] = -100
     return {
         "name": request.param,
-        "model": build_tutorial_model(request.param),
+        "model": tutorial_sat_model(request.param),
         "features": inputs["encoder_out"].flatten(1, 2),  # (B, 14, 14, D) -> (B, 196, D), row-major as the tutorial
         "decoder_input_ids": captions[:, :steps],
         "labels": labels,

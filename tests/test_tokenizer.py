@@ -2,18 +2,14 @@
 
 import collections
 import json
-import os
 import pickle
 import re
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from hfcap.processing import build_word_level_tokenizer, tokenizer_from_vocabulary  # noqa: E402
+from hfcap.processing import build_word_level_tokenizer, tokenizer_from_vocabulary
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}

@@ -7,17 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_processor, tiny_sat_model
 from PIL import Image
 
-from hfcap.data import load_scenes
 from hfcap.cli import main
-from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
-from hfcap.processing import (
-    CaptioningProcessor,
-    ImageLoadError,
-    build_word_level_tokenizer,
-    make_image_processor,
-)
+from hfcap.data import load_scenes
+from hfcap.processing import ImageLoadError
 from hfcap.visualize import attention_from_generate, attention_map, plot_training_curves
 
 P = 224
@@ -162,10 +157,9 @@ def test_attention_map_of_a_sat_trained_briefly_on_scenes(tmp_path, capsys):
     """Train a tiny SAT on 64 px scenes for 100 steps, caption a test image with `hfcap caption`, check the map."""
     scenes = load_scenes(tmp_path / "cache", num_train=300, num_val=2, num_test=2, image_size=64, num_workers=1)
     train = scenes["train"]
-    tokenizer = build_word_level_tokenizer([c for captions in train["captions"] for c in captions], min_frequency=1)
-    processor = CaptioningProcessor(make_image_processor(64), tokenizer)
-    config = ShowAttendTellConfig(
-        vocab_size=len(tokenizer),
+    processor = tiny_processor([c for captions in train["captions"] for c in captions], image_size=64)
+    model = tiny_sat_model(
+        processor,
         backbone="test_resnet",  # timm's tiny test ResNet, dilated to stride 8: an 8x8 map at 64 px
         backbone_kwargs={"output_stride": 8},
         encoder_dim=96,
@@ -174,14 +168,7 @@ def test_attention_map_of_a_sat_trained_briefly_on_scenes(tmp_path, capsys):
         embed_dim=64,
         decoder_dim=64,
         dropout=0.1,
-        image_size=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(config).eval()
+    ).eval()
     with torch.no_grad():  # the backbone is frozen: encode every image once, train the decoder on the features
         features = model.encoder(pixel_values=processor(images=train["image"])["pixel_values"]).last_hidden_state
     pairs = [(row, caption) for row, captions in enumerate(train["captions"]) for caption in captions]
@@ -207,7 +194,7 @@ def test_attention_map_of_a_sat_trained_briefly_on_scenes(tmp_path, capsys):
     path, caption = capsys.readouterr().out.rstrip("\n").split("\t")
     assert path == str(image_path)
     words = caption.split()
-    assert 1 <= len(words) <= 20 and set(words) <= set(tokenizer.get_vocab())
+    assert 1 <= len(words) <= 20 and set(words) <= set(processor.tokenizer.get_vocab())
     columns = min(len(words) + 1, 5)
     with Image.open(map_path) as figure:
         assert figure.format == "PNG"

@@ -5,7 +5,9 @@ CLI:    ``hfcap convert <arch> --checkpoint PATH --vocab PATH --output DIR [arch
 
 Each architecture's converter is a module here exposing ``convert(checkpoint, vocab, output_dir, **overrides)``,
 ``add_arguments(parser)`` (its override flags, ``dest`` = the keyword, absent flags left out) and ``OVERRIDES`` (those
-keywords). Third-party pickles are read only through :mod:`hfcap.conversion.safe_unpickle`.
+keywords). Third-party pickles are read only through :mod:`hfcap.conversion.safe_unpickle`. ``convert_checkpoint``
+(which the CLI runs) then records in ``hfcap_provenance.json`` that the weights were converted, and from which files,
+so that ``hfcap push`` describes them without flags.
 """
 
 import argparse
@@ -34,9 +36,17 @@ def convert_checkpoint(arch: str, checkpoint, vocab, output_dir, **overrides) ->
     """Convert the authors' ``checkpoint`` + ``vocab`` files of ``arch`` into a ``save_pretrained`` directory.
 
     ``arch`` is ``"show-attend-tell"`` (``"show_attend_tell"`` also accepted); ``overrides`` are the converter's
-    settings the checkpoint cannot determine (e.g. ``image_size``). Returns ``output_dir`` as a ``Path``.
+    settings the checkpoint cannot determine (e.g. ``image_size``). The directory also gets ``hfcap_provenance.json``
+    (weights "converted", source: the two file names and the architecture). Returns ``output_dir`` as a ``Path``.
     """
-    return _converter(arch).convert(checkpoint, vocab, output_dir, **overrides)
+    # Imported here: hfcap.hub needs hfcap/__init__'s model registry, and hfcap/__init__ imports this module.
+    from ..hub import write_provenance
+
+    name = arch.replace("_", "-")
+    output_dir = _converter(name).convert(checkpoint, vocab, output_dir, **overrides)
+    source = f"the {name} checkpoint `{Path(checkpoint).name}` and its vocabulary `{Path(vocab).name}`"
+    write_provenance(output_dir, weights="converted", source=source)
+    return output_dir
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +62,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hfcap convert``; a bad or missing input file prints one clear error line and returns 1."""
-    converter = _converter(args.arch)
-    overrides = {key: getattr(args, key) for key in converter.OVERRIDES if hasattr(args, key)}
+    overrides = {key: getattr(args, key) for key in _converter(args.arch).OVERRIDES if hasattr(args, key)}
     try:
-        output = converter.convert(args.checkpoint, args.vocab, args.output, **overrides)
+        output = convert_checkpoint(args.arch, args.checkpoint, args.vocab, args.output, **overrides)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"hfcap convert: error: {error}", file=sys.stderr)
         return 1

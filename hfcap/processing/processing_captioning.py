@@ -17,6 +17,10 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
+PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
+"""What `CaptioningProcessor.save_pretrained` writes: the image processor settings and max_caption_length, the
+word-level vocabulary, and the tokenizer's special tokens."""
+
 
 class ImageLoadError(ValueError):
     """An image that cannot be read or converted to RGB; the message names the file."""
@@ -110,6 +114,24 @@ class CaptioningProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, max_caption_length: int = 50, **kwargs):
         self.max_caption_length = max_caption_length
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`, except that a local directory lacking any of `PROCESSOR_FILES` (e.g. a
+        model saved without its processor) raises a FileNotFoundError naming them. Without this check transformers
+        asks for a preprocessor_config.json that a CaptioningProcessor never writes, or, without
+        tokenizer_config.json, loads a tokenizer that has no pad/bos/eos tokens."""
+        directory = os.fspath(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            directory = os.path.join(directory, kwargs["subfolder"])
+        missing = [name for name in PROCESSOR_FILES if not os.path.isfile(os.path.join(directory, name))]
+        if missing and os.path.isdir(directory):  # not a Hub repo id
+            raise FileNotFoundError(
+                f"cannot load the captioning processor from {directory}: it has no {', '.join(missing)}. A model "
+                "directory needs its CaptioningProcessor saved next to the model: processor.save_pretrained(directory) "
+                "(hfcap convert and hfcap train save both)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -15,7 +15,8 @@ output_dir=None, split="test", full_metrics=True) -> dict[str, float]``
     jars are present; needs Java). ``full_metrics=False``: ``{"CIDEr-D": ...}`` only, corpus CIDEr-D on
     ``simple_tokenize`` words (no Java, seconds for 5k images; for per-epoch validation). Scored on the main process,
     then broadcast: every process returns the same dict. With ``output_dir`` the main process writes
-    ``metrics.json`` ({split, num_images, generate_kwargs, metrics}), ``metrics.md`` (a markdown table) and the COCO
+    ``metrics.json`` ({split, num_images, generate_kwargs, protocol, metrics}; ``protocol`` is ``"coco"`` or
+    ``"cider-d-only"``, which ``hfcap push`` puts into the model card), ``metrics.md`` (a markdown table) and the COCO
     results file ``captions_<split>_results.json`` = ``[{"image_id": int, "caption": str}, ...]``.
 
 ``generate_kwargs`` go to ``model.generate`` unchanged (``num_beams``, ``max_new_tokens``, ``custom_generate=
@@ -34,6 +35,9 @@ from pathlib import Path
 import torch
 
 from .scst import eos_mask
+
+PROTOCOLS = {True: "coco", False: "cider-d-only"}
+"""``full_metrics`` -> the ``protocol`` recorded in metrics.json."""
 
 
 def image_collate_fn(processor):
@@ -122,7 +126,8 @@ def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_siz
         references = dict(zip((int(i) for i in dataset["image_id"]), dataset["captions"]))
         metrics = score_captions(predictions, references, full_metrics=full_metrics)
         if output_dir is not None:
-            write_results(output_dir, split, predictions, metrics, generate_kwargs or {})
+            write_results(output_dir, split, predictions, metrics, generate_kwargs or {},
+                          protocol=PROTOCOLS[full_metrics])
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -131,8 +136,9 @@ def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_siz
 
 
 def write_results(output_dir, split: str, predictions: dict[int, str], metrics: dict[str, float],
-                  generate_kwargs: dict) -> Path:
-    """Write ``metrics.json``, ``metrics.md`` and ``captions_<split>_results.json`` into ``output_dir``."""
+                  generate_kwargs: dict, *, protocol: str) -> Path:
+    """Write ``metrics.json``, ``metrics.md`` and ``captions_<split>_results.json`` into ``output_dir``;
+    ``protocol`` (a value of ``PROTOCOLS``) says how ``metrics`` were computed."""
     from hfcap.metrics import format_metrics_table
 
     output_dir = Path(output_dir)
@@ -141,7 +147,8 @@ def write_results(output_dir, split: str, predictions: dict[int, str], metrics: 
     (output_dir / f"captions_{split}_results.json").write_text(json.dumps(results, indent=1) + "\n")
     settings = {key: value if isinstance(value, (bool, int, float, str, type(None))) else
                 getattr(value, "__name__", repr(value)) for key, value in generate_kwargs.items()}
-    summary = {"split": split, "num_images": len(predictions), "generate_kwargs": settings, "metrics": metrics}
+    summary = {"split": split, "num_images": len(predictions), "generate_kwargs": settings, "protocol": protocol,
+               "metrics": metrics}
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "metrics.md").write_text(format_metrics_table({split: metrics}) + "\n")
     return output_dir
@@ -173,7 +180,8 @@ def configure_parser(parser):
                         help="Images per generate call and process (default: 32).")
     parser.add_argument("--max-images", type=int, help="Evaluate only the first N images of the split.")
     parser.add_argument("--cider-only", action="store_true",
-                        help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer).")
+                        help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer); metrics.json records "
+                             "protocol 'cider-d-only' instead of 'coco'.")
 
 
 def load_evaluation_split(args):
