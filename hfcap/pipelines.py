@@ -2,12 +2,13 @@
 
 transformers 5 removed the "image-to-text" task: `pipeline("image-to-text")` logs a deprecation and builds the
 "image-text-to-text" pipeline (`ImageTextToTextPipeline`), whose `__call__` raises "You must provide text" for an
-image alone. A model's `config.custom_pipelines` cannot fix that for hfcap: transformers matches a custom task before
-the "image-to-text" redirect, but then refuses to run it without `trust_remote_code=True`, even for classes that are
-importable locally. So `register_pipeline()` (called by `import hfcap`) registers `ImageCaptioningPipeline` as the
-implementation of "image-text-to-text" through the public `PIPELINE_REGISTRY`. Both task names then build it. It
-subclasses `ImageTextToTextPipeline` and changes nothing unless the pipeline's processor is a `CaptioningProcessor`;
-for every other model it is the stock pipeline. For hfcap models it:
+image alone (transformers 5.17 has no redirect and rejects the name; `register_pipeline()` then declares it an
+alias of "image-text-to-text"). A model's `config.custom_pipelines` cannot fix that for hfcap: transformers matches a
+custom task before the "image-to-text" redirect, but then refuses to run it without `trust_remote_code=True`, even
+for classes that are importable locally. So `register_pipeline()` (called by `import hfcap`) registers
+`ImageCaptioningPipeline` as the implementation of "image-text-to-text" through the public `PIPELINE_REGISTRY`. Both
+task names then build it. It subclasses `ImageTextToTextPipeline` and changes nothing unless the pipeline's
+processor is a `CaptioningProcessor`; for every other model it is the stock pipeline. For hfcap models it:
 
 - captions images given alone (a path, URL, PIL image, array or tensor, a list of them, a generator or dataset):
   the decoder prompt is "" (`[bos]`), so the caption is the model's own;
@@ -75,6 +76,10 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
         ```
     """
 
+    def __init__(self, *args, task: str = "", **kwargs):
+        # transformers 5.17 reaches here with the alias "image-to-text" (see `register_pipeline`); 5.23 renames it.
+        super().__init__(*args, task=TASK if task == "image-to-text" else task, **kwargs)
+
     @property
     def is_captioner(self) -> bool:
         """True when the processor is hfcap's `CaptioningProcessor`, i.e. "" prompts mean "caption from scratch"."""
@@ -111,8 +116,29 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
         model_inputs["text"] = text
         return model_inputs
 
+    def _forward(self, model_inputs, generate_kwargs=None):
+        """`ImageTextToTextPipeline._forward`, with the sequences grouped per image, `(B, num_return_sequences, L)`,
+        so that batches split per image (transformers 5.23 does this itself, 5.17 returns `(B * k, L)`)."""
+        outputs = super()._forward(model_inputs, generate_kwargs)
+        sequences, input_ids = outputs["generated_sequence"], outputs["input_ids"]
+        if self.is_captioner and sequences.ndim == 2 and sequences.shape[0] > input_ids.shape[0]:
+            outputs["generated_sequence"] = sequences.reshape(input_ids.shape[0], -1, sequences.shape[-1])
+        return outputs
+
     def postprocess(self, model_outputs, **postprocess_kwargs):
-        """`ImageTextToTextPipeline.postprocess`, without the `input_text` of captions generated from no prompt."""
+        """`ImageTextToTextPipeline.postprocess`, without the `input_text` of captions generated from no prompt, and
+        one record per returned sequence (transformers 5.17's postprocess keeps only the first of each image's)."""
+        sequences = model_outputs["generated_sequence"]
+        if self.is_captioner and sequences.ndim == 3:
+            per_image = sequences.shape[1]
+            texts = model_outputs["prompt_text"]
+            texts = [texts] if isinstance(texts, str) else texts
+            model_outputs = {
+                **model_outputs,
+                "generated_sequence": sequences.flatten(0, 1),
+                "prompt_text": [text for text in texts for _ in range(per_image)],
+                "input_ids": model_outputs["input_ids"].repeat_interleave(per_image, dim=0),
+            }
         records = super().postprocess(model_outputs, **postprocess_kwargs)
         if self.is_captioner:
             for record in records:
@@ -126,6 +152,9 @@ def register_pipeline() -> None:
 
     Keeps the task's model classes and default model. Idempotent.
     """
+    # transformers 5.23 redirects the removed "image-to-text" task to "image-text-to-text" before looking it up;
+    # 5.17 has no redirect ("Unknown task"), so the name is also declared an alias (unused where the redirect exists).
+    PIPELINE_REGISTRY.task_aliases.setdefault("image-to-text", TASK)
     entry = PIPELINE_REGISTRY.supported_tasks[TASK]
     if entry["impl"] is ImageCaptioningPipeline:
         return
