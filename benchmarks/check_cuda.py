@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -100,22 +101,10 @@ def check_cpu_vs_cuda(device):
 
 
 def tutorial_model(case_dir):
-    """The fixture's features-only SAT with the tutorial-trained decoder (as tests/conftest.py `tutorial_sat_model`)."""
-    spec = json.loads((case_dir / "case.json").read_text())
-    dims = spec["constructor"]["DecoderWithAttention"]
-    specials = spec["word_map"]["specials"]
-    config = ShowAttendTellConfig(
-        **{key: dims[key] for key in ("vocab_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim")},
-        dropout=dims["dropout"],
-        use_backbone=False,
-        pad_token_id=specials["<pad>"],
-        bos_token_id=specials["<start>"],
-        eos_token_id=specials["<end>"],
-        decoder_start_token_id=specials["<start>"],
-    )
-    model = ShowAttendTellForConditionalGeneration(config).eval()
-    model.decoder.load_state_dict(torch.load(case_dir / "decoder_state_dict.pth", weights_only=True), strict=True)
-    return model
+    """The fixture's tutorial checkpoint converted by `hfcap.convert_checkpoint` (a features-only model)."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        hfcap.convert_checkpoint("show-attend-tell", case_dir / "checkpoint.pth.tar", case_dir / "WORDMAP.json", output_dir)
+        return ShowAttendTellForConditionalGeneration.from_pretrained(output_dir).eval()
 
 
 def check_fixture(case_dir, device, dtype):
