@@ -11,7 +11,7 @@ pytest.importorskip("pycocoevalcap")
 from pycocoevalcap.cider.cider import Cider  # noqa: E402
 from pycocoevalcap.cider.cider_scorer import CiderScorer  # noqa: E402
 
-from hfcap.metrics.cider import CiderD, cider_d_corpus, simple_tokenize  # noqa: E402
+from hfcap.metrics.cider import CiderD, _intern, cider_d_corpus, simple_tokenize  # noqa: E402
 
 WORDS = "a the dog cat man on of with in is sitting red big table street".split()
 
@@ -110,6 +110,61 @@ def test_corpus_mode_matches_pycocoevalcap():
     two = [[["a", "dog", "on", "the", "street"]], [["a", "cat", "on", "a", "table"]]]
     np.testing.assert_allclose(cider_d_corpus([two[0][0], ["a", "cat"]], two)[1],
                                _pycoco_corpus([two[0][0], ["a", "cat"]], two)[1], rtol=0, atol=1e-9)
+
+
+# Long words sharing their first 7 or more letters (strings are interned 7 bytes, then 3 at a time), short ones.
+STRING_WORDS = [
+    "skateboarder", "skateboarders", "skateboarding", "abcdefg", "abcdefgh", "abcdefghi", "abcdefghij",
+    "abcdefghijk", "refrigerator", "refrigerators", "x" * 20, "x" * 21, "a\0b", "a", "dog", "on", "the", "it's",
+]
+WHITESPACE = [" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f"]
+
+
+def _string_corpus(seed, num_images, words):
+    """Caption strings of ``words`` joined by assorted whitespace (what str.split splits on), some empty."""
+    rng = random.Random(seed)
+
+    def text():
+        parts = [rng.choice(["", *WHITESPACE])]
+        for _ in range(rng.randint(0, 12)):
+            parts += [rng.choice(words), rng.choice(WHITESPACE)]
+        return "".join(parts[: rng.choice([-1, len(parts)])])
+
+    return [text() for _ in range(num_images)], [[text() for _ in range(rng.randint(1, 5))] for _ in range(num_images)]
+
+
+@pytest.mark.parametrize("extra_words", [[], ["café", "naïve", "dog\u00a0on", "\u3000the"]], ids=["ascii", "unicode"])
+def test_corpus_mode_on_strings_matches_pycocoevalcap(extra_words):
+    candidates, refs = _string_corpus(10, 40, STRING_WORDS + extra_words)
+    candidates[:4] = ["skateboarding dog", "abcdefghi abcdefgh", "", " \t "]  # near misses of long words, empty
+    refs[0] = refs[1] = ["a skateboarder dog", "abcdefghij abcdefgh"]
+    candidates[4] = refs[4][0] = "the  abcdefghijk\tx refrigerators on it's skateboarders"  # a real match
+    _, scores = cider_d_corpus(candidates, refs)
+    _, expected = Cider().compute_score(dict(enumerate(refs)), {i: [c] for i, c in enumerate(candidates)})
+    assert scores.max() > 1.0
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
+    _, from_tokens = cider_d_corpus([c.split() for c in candidates], [[r.split() for r in rs] for rs in refs])
+    np.testing.assert_allclose(scores, from_tokens, rtol=0, atol=1e-12)
+
+
+def test_corpus_mode_refuses_mixed_or_unlisted_captions():
+    with pytest.raises(TypeError, match="not a mix"):
+        cider_d_corpus(["a dog", ["a", "cat"]], [["a dog"], ["a cat"]])
+    with pytest.raises(TypeError, match="not a single string"):
+        cider_d_corpus(["a dog", "a cat"], ["a dog", "a cat"])
+
+
+def test_intern_gives_equal_keys_equal_dense_ids():
+    # 5,000 distinct keys, repeated, in a table of 2**16 slots: many collide and are placed by linear probing.
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 2**63, 5_000, dtype=np.uint64)
+    distinct[:100] = np.arange(100, dtype=np.uint64) << np.uint64(40)  # keys differing only in high bits
+    keys = distinct[rng.integers(0, len(distinct), 30_000)]
+    ids = _intern(keys)
+    _, expected = np.unique(keys, return_inverse=True)
+    assert ids.max() == len(np.unique(keys)) - 1
+    assert len(set(zip(ids.tolist(), expected.tolist()))) == len(np.unique(keys))  # the same partition
+    assert len(_intern(np.zeros(0, np.uint64))) == 0
 
 
 def test_external_references_and_injected_df_match_pycocoevalcap(train, scorer):

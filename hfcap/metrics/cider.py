@@ -12,9 +12,11 @@ pycocoevalcap's "length" ``l`` is the number of bigram occurrences (words - 1, 0
 deltas, and therefore the scores, are reproduced exactly.
 
 pycocoevalcap re-counts and re-weights every reference for every candidate with Python dicts of n-gram
-tuples. Here n-grams are integer ids built order by order: the id of a k-gram is its rank among the sorted
-keys ``(id of its (k-1)-gram prefix << 31) | word id`` of that order, so one sort per order yields the ids,
-document frequencies and term frequencies of a whole corpus, and everything else is numpy arithmetic.
+tuples. Here n-grams are integer ids built order by order: the id of a k-gram is its rank among the sorted keys
+``word << 32 | id of the (k-1)-gram after the word`` of that order, and one stable radix pass over the words,
+taken in the order of the (k-1)-grams after them, yields the ids, document frequencies and term frequencies of a
+whole corpus; everything else is numpy arithmetic. Caption strings are split and their words interned from the
+bytes with a vectorised hash table, without a Python object per word.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from itertools import chain, repeat
 
 import numpy as np
 
-_WORD_BITS = 31  # word ids < 2**31 and prefix ids < 2**32, so a key fits in int64
+_BYTE_MASKS = np.array([(1 << 8 * size) - 1 for size in range(8)], np.uint64)  # the low 0..7 bytes of a uint64
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, the multiplier of Fibonacci hashing
+_EMPTY = np.uint64(2**64 - 1)  # a free slot of _intern's table
 
 
 class _PunctuationToSpace(dict):
@@ -82,6 +86,8 @@ def _check_tokens(sentences: Sequence, what: str) -> None:
 
 def _check_references(references: Sequence) -> np.ndarray:
     """Number of references per image; every image needs at least one."""
+    if str in map(type, references):
+        raise TypeError("the references of an image must be a list of captions, not a single string")
     counts = np.fromiter(map(len, references), np.int64, len(references))
     if (counts == 0).any():
         raise ValueError(f"image {int(np.argmax(counts == 0))} has no reference caption")
@@ -99,8 +105,8 @@ def _word_ids(
     lengths = np.fromiter(map(len, sentences), np.int64, len(sentences))
     if vocabulary is None:
         vocabulary = dict(zip(dict.fromkeys(words), range(len(words))))
-        return np.fromiter(map(vocabulary.__getitem__, words), np.int64, len(words)), lengths, vocabulary
-    ids = np.fromiter(map(vocabulary.get, words, repeat(-1)), np.int64, len(words))
+        return np.fromiter(map(vocabulary.__getitem__, words), np.int32, len(words)), lengths, vocabulary
+    ids = np.fromiter(map(vocabulary.get, words, repeat(-1)), np.int32, len(words))
     unseen = np.flatnonzero(ids < 0)
     if len(unseen):
         local: dict[str, int] = {}
@@ -108,38 +114,135 @@ def _word_ids(
     return ids, lengths, vocabulary
 
 
+def _intern(keys: np.ndarray) -> np.ndarray:
+    """Dense ids of uint64 keys below ``2**63``: equal keys, equal ids (numbered in no particular order).
+
+    A vectorised open-addressing hash table (linear probing), at most half full; a key's id is the rank of the slot
+    holding it.
+    """
+    bits = max(1, (2 * len(keys)).bit_length())
+    slot = np.multiply(keys, _FIBONACCI)
+    slot >>= np.uint64(64 - bits)  # Fibonacci hashing: the top bits of key * 2**64 / golden ratio
+    slot = slot.view(np.int64)
+    table = np.full(1 << bits, _EMPTY)
+    table[slot] = keys  # the table is empty: every key claims its slot, one of several claimants wins
+    pending = np.flatnonzero(table[slot] != keys)
+    while len(pending):  # the losers probe the next slot, claim it if free, stop at their own key
+        slot[pending] = (slot[pending] + 1) & ((1 << bits) - 1)
+        at, key = slot[pending], keys[pending]
+        free = table[at] == _EMPTY
+        table[at[free]] = key[free]
+        pending = pending[table[at] != key]
+    occupied = np.flatnonzero(table != _EMPTY)
+    ids = np.empty(len(table), np.int32)  # read only where occupied
+    ids[occupied] = np.arange(len(occupied), dtype=np.int32)
+    return ids[slot]
+
+
+def _split_strings(sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Word ids (distinct, not dense) and per-sentence lengths of strings split on whitespace, as ``str.split()``.
+
+    ASCII text is split and interned from its bytes, with no Python object per word: a word is keyed by its first 7
+    bytes and its length (8 meaning longer), and while it goes on by its id so far and its next 3 bytes (with the
+    number left, 4 meaning more). Other text goes through ``str.split``.
+    """
+    joined = "\n".join(sentences)
+    if not joined.isascii():
+        words, lengths, _ = _word_ids([sentence.split() for sentence in sentences])
+        return words, lengths
+    data = np.zeros(len(joined) + 8, np.uint8)  # 8 bytes of padding for the last word's window
+    data[: len(joined)] = np.frombuffer(joined.encode("ascii"), np.uint8)
+    window = np.ndarray((len(joined),), "<u8", data, strides=(1,))  # window[i]: bytes i..i+7, byte i lowest
+    space = np.ones(len(joined) + 2, bool)  # padded with a space at both ends
+    # str.split()'s ASCII whitespace: \t \n \v \f \r (9-13), the separators \x1c-\x1f and the space (28-32).
+    text = data[: len(joined)]
+    np.less(text - 9, 5, out=space[1:-1])
+    space[1:-1] |= text - 28 < 5
+    edges = np.flatnonzero(space[1:] != space[:-1])  # alternately the start and the end of a word
+    starts, length = edges[::2], (edges[1::2] - edges[::2]).astype(np.uint64)
+    ids = _intern(window[starts] & _BYTE_MASKS[np.minimum(length, 7)] | np.minimum(length, 8) << np.uint64(56))
+    longer, done = np.flatnonzero(length > 7), 7
+    while len(longer):
+        left = length[longer] - np.uint64(done)
+        rest = window[starts[longer] + done] & _BYTE_MASKS[np.minimum(left, 3)]
+        rest |= np.minimum(left, 4) << np.uint64(24)
+        ids[longer] = ids.max() + 1 + _intern(ids[longer].astype(np.uint64) << np.uint64(27) | rest)
+        longer, done = longer[left > 3], done + 3
+    sizes = np.fromiter(map(len, sentences), np.int64, len(sentences)) + 1  # with the newline after each
+    first_words = np.searchsorted(starts, np.cumsum(sizes) - sizes)
+    return ids, np.diff(first_words, append=len(starts))
+
+
+def _corpus_words(sentences: list) -> tuple[np.ndarray, np.ndarray]:
+    """Word ids and per-sentence lengths of token lists, or of strings split on whitespace (``str.split``)."""
+    kinds = set(map(type, sentences))
+    if str not in kinds:
+        words, lengths, _ = _word_ids(sentences)
+        return words, lengths
+    if kinds != {str}:
+        raise TypeError("captions must be all strings or all lists of words, not a mix")
+    return _split_strings(sentences)
+
+
+def _stable_argsort(keys: np.ndarray, bits: int) -> np.ndarray:
+    """Stable argsort of non-negative integer keys below ``2**bits``: LSD radix sort, 16 bits a pass.
+
+    numpy radix-sorts uint16 keys, several times faster than its merge sort of int64 keys.
+    """
+    order = np.argsort(keys.astype(np.uint16), kind="stable")
+    for shift in range(16, bits, 16):
+        order = order[np.argsort((keys[order] >> shift).astype(np.uint16), kind="stable")]
+    return order
+
+
 def _count_ngrams(
     words: np.ndarray, lengths: np.ndarray, n: int, tables: list[np.ndarray] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """For each order k = 1..n: ``(table, ids, sentences, tf)`` of every distinct (k-gram, sentence) pair.
 
-    The pairs come grouped by k-gram, sentences ascending within a group. ``table`` holds the sorted keys of the
-    order; without ``tables`` it is built from these sentences, otherwise ``tables[k-1]`` is used and k-grams
-    missing from it get ids ``>= len(table)`` (consistent within the call; the table is not modified).
+    The pairs come grouped by k-gram, sentences ascending within a group. A k-gram is the key
+    ``word << 32 | id of the (k-1)-gram after the word`` (a unigram: the word) and its id is its row in ``table``,
+    the sorted keys of the order. Without ``tables`` they are built from these sentences, otherwise ``tables[k-1]``
+    is used and k-grams missing from it get ids ``>= len(table)`` (consistent within the call; the table is not
+    modified).
+
+    One radix pass per order (two past 65,536 words): the word occurrences, sorted by the id of the (k-1)-gram that
+    starts after them, are sorted stably by their word, which sorts the k-grams starting at them by
+    (word, (k-1)-gram).
     """
-    sentence = np.repeat(np.arange(len(lengths)), lengths)
-    left = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(words))  # words from here to the sentence end
-    prefix = np.zeros(len(words), np.int64)
-    at = np.arange(len(words))
+    sentence = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)  # int32: less memory to fault in
+    first_word = np.zeros(len(words), bool)
+    first_word[(np.cumsum(lengths) - lengths)[lengths > 0]] = True
+    word_bits = int(words.max(initial=0)).bit_length()
+    at = np.arange(len(words), dtype=np.int32)  # start of each k-gram occurrence, by the (k-1)-gram after it
+    rank = np.zeros(len(words), np.int32)  # local rank of that (k-1)-gram
+    group_ids = None  # table id of each local rank (None: the rank itself)
     for k in range(n):
-        at = at[left[at] > k]
-        keys = (prefix[at] << _WORD_BITS) | words[at + k]
-        # Stable: sentences stay ascending within a k-gram. numpy radix-sorts 16-bit keys (unigrams, usually).
-        order = np.argsort(keys.astype(np.uint16) if keys.max(initial=0) < 1 << 16 else keys, kind="stable")
-        keys, at = keys[order], at[order]
-        new = _changes(keys)
-        ids = np.cumsum(new) - 1
+        if k:
+            extends = np.flatnonzero(~first_word[at])  # the k-gram at at - 1: its word, then the (k-1)-gram at at
+            at, rank = at[extends], rank[extends]
+            at -= 1
+        word = words[at]
+        order = _stable_argsort(word, word_bits)
+        at, rank, word = at[order], rank[order], word[order]
+        new = _changes(word) | _changes(rank)
+        if k:
+            suffix = rank[new] if group_ids is None else group_ids[rank[new]]
+            keys = (word[new].astype(np.int64) << 32) | suffix
+        else:
+            keys = word[new].astype(np.int64)
+        rank = np.cumsum(new, dtype=np.int32)
+        rank -= 1
         if tables is None:
-            table = keys[new]
+            table = keys
         else:
             table = tables[k]
-            group_ids, known = _find(table, keys[new])
+            group_ids, known = _find(table, keys)
             group_ids[~known] = len(table) + np.arange(np.count_nonzero(~known))
-            ids = group_ids[ids]
-        prefix[at] = ids
         sent = sentence[at]
         first = np.flatnonzero(new | _changes(sent))
-        yield table, ids[first], sent[first], np.diff(np.append(first, len(at)))
+        ids = rank[first] if group_ids is None else group_ids[rank[first]]
+        yield table, ids, sent[first], np.diff(first, append=len(at))
 
 
 def _length_penalty(candidate_lengths: np.ndarray, reference_lengths: np.ndarray, n: int, sigma: float) -> np.ndarray:
@@ -156,28 +259,51 @@ def _cosine(clipped: np.ndarray, candidate_norms: np.ndarray, reference_norms: n
     return np.divide(clipped, denominator, out=clipped.astype(float), where=denominator != 0)
 
 
-def _clipped_overlap(
-    candidates: tuple, references: tuple, pair_candidate: np.ndarray, pair_ref: np.ndarray
-) -> np.ndarray:
-    """sum_w min(g(c)[w], g(s)[w]) * g(s)[w] of every (candidate c, reference s) pair.
+def _image_major(
+    ids: np.ndarray, ref: np.ndarray, values: np.ndarray, image_of_ref: np.ndarray, num_images: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reference entries ``(ref, n-gram id, value)`` image by image, ids ascending: ``(image ptr, ids, refs, values)``.
 
-    ``candidates`` and ``references`` are ``(ptr, ids, values)`` rows (CSR, ids ascending within a row).
+    The lookup table of :func:`_clipped_overlap`: the references of one image holding an n-gram are consecutive.
     """
-    cand_ptr, cand_ids, cand_values = candidates
-    ref_ptr, ref_ids, ref_values = references
-    used, slot = np.unique(pair_ref, return_inverse=True)
-    # The used references' entries keyed (slot << 32 | id) are ascending, so searchsorted finds the matches.
-    ref_count = ref_ptr[used + 1] - ref_ptr[used]
-    ref_entries = _ranges(ref_ptr[used], ref_count)
-    ref_keys = (np.repeat(np.arange(len(used)), ref_count) << 32) | ref_ids[ref_entries]
-    # Each candidate's entries, once per pair.
-    cand_count = cand_ptr[pair_candidate + 1] - cand_ptr[pair_candidate]
-    cand_entries = _ranges(cand_ptr[pair_candidate], cand_count)
-    pair = np.repeat(np.arange(len(pair_ref)), cand_count)
-    found, match = _find(ref_keys, (slot[pair] << 32) | cand_ids[cand_entries])
-    ref_value = np.zeros(len(pair))
-    ref_value[match] = ref_values[ref_entries[found[match]]]
-    return np.bincount(pair, np.minimum(cand_values[cand_entries], ref_value) * ref_value, len(pair_ref))
+    image = image_of_ref[ref]
+    key = image.astype(np.int64) * (int(ids.max(initial=0)) + 1) + ids
+    order = _stable_argsort(key, int(key.max(initial=0)).bit_length())
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(image, minlength=num_images))])
+    return ptr, ids[order].astype(np.int32), ref[order].astype(np.int32), values[order]
+
+
+def _clipped_overlap(
+    candidates: tuple[np.ndarray, np.ndarray, np.ndarray],
+    references: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    images: np.ndarray,
+    pair_base: np.ndarray,
+    num_pairs: int,
+) -> np.ndarray:
+    """sum_w min(g(c)[w], g(s)[w]) * g(s)[w] of every (candidate c, reference s of its image) pair.
+
+    ``candidates`` are entries ``(candidate, n-gram id, value)``, ``references`` an :func:`_image_major` table,
+    ``images`` the image of each candidate; the pair (c, s) is ``pair_base[c] + s``.
+    """
+    cand, cand_ids, cand_values = candidates
+    ptr, ref_ids, ref_of, ref_values = references
+    used, slot = np.unique(images, return_inverse=True)
+    count = ptr[used + 1] - ptr[used]
+    entries = _ranges(ptr[used], count)
+    # The used images' entries keyed (slot << 32 | id) are ascending; the sentinel key ends every scan below.
+    keys = np.append((np.repeat(np.arange(len(used)), count) << 32) | ref_ids[entries], np.iinfo(np.int64).max)
+    query = (slot[cand] << 32) | cand_ids
+    at = np.searchsorted(keys, query)  # first reference entry of the candidate's image holding its n-gram
+    base = pair_base[cand]
+    clipped = np.zeros(num_pairs)
+    while len(at):  # the references of one image holding the n-gram are consecutive
+        match = keys[at] == query
+        at, query, base, cand_values = at[match], query[match], base[match], cand_values[match]
+        entry = entries[at]
+        ref_value = ref_values[entry]
+        clipped += np.bincount(base + ref_of[entry], np.minimum(cand_values, ref_value) * ref_value, num_pairs)
+        at += 1
+    return clipped
 
 
 class CiderD:
@@ -227,13 +353,13 @@ class CiderD:
         self.ref_len = float(np.log(float(len(references) if document_frequency is None else num_documents)))
         self._ref_ptr = np.concatenate([[0], np.cumsum(counts)])
         self._ref_lengths = lengths[:num_refs]
-        image_of_ref = np.repeat(np.arange(len(references)), counts)
+        self._image_of_ref = np.repeat(np.arange(len(references)), counts)
         self._tables, self._idf, self._refs = [], [], []
         for k, (table, ids, sentence, tf) in enumerate(_count_ngrams(words, lengths, n)):
             self._tables.append(table)
             if document_frequency is None:
                 # df counts each image once, however many of its references hold the n-gram.
-                image = image_of_ref[sentence]
+                image = self._image_of_ref[sentence]
                 df = np.bincount(ids[_changes(ids) | _changes(image)], minlength=len(table))
             else:
                 whole = np.flatnonzero((sentence >= num_refs) & (lengths[sentence] == k + 1))
@@ -242,12 +368,10 @@ class CiderD:
             idf = self.ref_len - np.log(np.maximum(1.0, df))
             self._idf.append(np.append(idf, self.ref_len))  # last entry: n-grams unseen here (df 0)
             real = sentence < num_refs
-            order = np.argsort(sentence[real], kind="stable")  # reference-major, ids ascending within a reference
-            ids, sentence, tf = ids[real][order], sentence[real][order], tf[real][order]
+            ids, sentence, tf = ids[real], sentence[real], tf[real]
             values = tf * idf[ids]
             norms = np.sqrt(np.bincount(sentence, values * values, minlength=num_refs))
-            ptr = np.concatenate([[0], np.cumsum(np.bincount(sentence, minlength=num_refs))])
-            self._refs.append((ptr, ids.astype(np.int32), values, norms))
+            self._refs.append((_image_major(ids, sentence, values, self._image_of_ref, len(references)), norms))
 
     @property
     def num_ngrams(self) -> int:
@@ -287,9 +411,10 @@ class CiderD:
         num = len(candidates)
         sentences = list(candidates)
         if references is None:
-            ref_ptr = self._ref_ptr
+            ref_ptr, image_of_ref = self._ref_ptr, self._image_of_ref
         else:
-            ref_ptr = np.concatenate([[0], np.cumsum(_check_references(references))])
+            counts = _check_references(references)
+            ref_ptr, image_of_ref = np.concatenate([[0], np.cumsum(counts)]), np.repeat(np.arange(len(counts)), counts)
             sentences += [sentence for refs in references for sentence in refs]
             _check_tokens(sentences[num:], "references")
         images = self._image_positions(image_indices, len(ref_ptr) - 1, references is None)
@@ -299,67 +424,81 @@ class CiderD:
         per_candidate = ref_ptr[images + 1] - ref_ptr[images]
         pair_candidate = np.repeat(np.arange(num), per_candidate)
         pair_ref = _ranges(ref_ptr[images], per_candidate)
+        pair_base = np.cumsum(per_candidate) - per_candidate - ref_ptr[images]  # pair (c, s) = pair_base[c] + s
         ref_lengths = self._ref_lengths[pair_ref] if references is None else lengths[num + pair_ref]
         penalty = _length_penalty(lengths[pair_candidate], ref_lengths, self.n, self.sigma)
 
         total = np.zeros(len(pair_ref))
         for k, (_, ids, sentence, tf) in enumerate(_count_ngrams(words, lengths, self.n, self._tables)):
-            order = np.argsort((sentence << 32) | ids)  # sentence-major, ids ascending within a sentence
-            ids, sentence, tf = ids[order], sentence[order], tf[order]
             values = tf * self._idf[k][np.minimum(ids, len(self._idf[k]) - 1)]
             norms = np.sqrt(np.bincount(sentence, values * values, minlength=len(sentences)))
-            ptr = np.searchsorted(sentence, np.arange(len(sentences) + 1))
             if references is None:
-                refs = self._refs[k]
+                refs, ref_norms = self._refs[k]
+                cand = slice(None)
             else:
-                refs = (ptr[num:] - ptr[num], ids[ptr[num] :], values[ptr[num] :], norms[num:])
-            clipped = _clipped_overlap((ptr, ids, values), refs[:3], pair_candidate, pair_ref)
-            total += _cosine(clipped, norms[pair_candidate], refs[3][pair_ref])
+                cand, ref = sentence < num, sentence >= num
+                refs = _image_major(ids[ref], sentence[ref] - num, values[ref], image_of_ref, len(references))
+                ref_norms = norms[num:]
+            entries = (sentence[cand], ids[cand], values[cand])
+            clipped = _clipped_overlap(entries, refs, images, pair_base, len(pair_ref))
+            total += _cosine(clipped, norms[pair_candidate], ref_norms[pair_ref])
         return 10.0 * np.bincount(pair_candidate, total * penalty, num) / self.n / per_candidate
 
 
 def cider_d_corpus(
-    candidates: Sequence[Sequence[str]],
-    references: Sequence[Sequence[Sequence[str]]],
+    candidates: Sequence[Sequence[str] | str],
+    references: Sequence[Sequence[Sequence[str] | str]],
     *,
     n: int = 4,
     sigma: float = 6.0,
 ) -> tuple[float, np.ndarray]:
     """Corpus-mode CIDEr-D, as pycocoevalcap ``Cider().compute_score``: df from the evaluated references.
 
-    ``candidates[i]`` (a token list) is scored against ``references[i]``. Returns ``(mean, per-caption
-    scores)``. With a single image every idf is 0 and so is the score; tiny test sets need a fixed df
-    (:class:`CiderD`). EOS handling as in :class:`CiderD`.
+    ``candidates[i]`` is scored against ``references[i]``. Captions are token lists, or tokenised strings split on
+    whitespace as pycocoevalcap does (all of one kind). Returns ``(mean, per-caption scores)``. With a single image
+    every idf is 0 and so is the score; tiny test sets need a fixed df (:class:`CiderD`). EOS handling as in
+    :class:`CiderD`.
     """
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference sets")
     if not len(candidates):
         raise ValueError("cider_d_corpus needs at least one candidate")
     counts = _check_references(references)
-    # Image by image, the candidate first: within an n-gram's group its entry leads the image's reference entries.
+    # Image by image, the candidate first: in an n-gram's group its entry leads the image's reference entries.
     sentences = [sentence for candidate, refs in zip(candidates, references) for sentence in (candidate, *refs)]
-    _check_tokens(sentences, "candidates and references")
-    first_of_image = np.concatenate([[0], np.cumsum(counts + 1)[:-1]])
+    words, lengths = _corpus_words(sentences)
+    first_of_image = np.cumsum(counts + 1) - (counts + 1)
     image = np.repeat(np.arange(len(counts)), counts + 1)
-    candidate_of = first_of_image[image]  # sentence index of the candidate of each sentence's image
-    is_ref = np.ones(len(sentences), bool)
-    is_ref[first_of_image] = False
-    words, lengths, _ = _word_ids(sentences)
+    candidate_of = first_of_image[image].astype(np.int32)  # sentence index of the candidate of each sentence's image
+    is_ref = candidate_of != np.arange(len(sentences))
     ref_len = np.log(float(len(counts)))
     total = np.zeros(len(sentences))
     for table, ids, sentence, tf in _count_ngrams(words, lengths, n):
-        run_start = _changes(ids) | _changes(image[sentence])  # runs of one n-gram within one image
-        run = np.cumsum(run_start) - 1
-        starts = np.flatnonzero(run_start)
-        ref_entry = is_ref[sentence]
-        # A run holds a reference unless it is the candidate's entry alone.
-        in_refs = ref_entry[starts] | (np.diff(np.append(starts, len(ids))) > 1)
-        df = np.bincount(ids[starts[in_refs]], minlength=len(table))
-        values = tf * (ref_len - np.log(np.maximum(1.0, df)))[ids]
-        norms = np.sqrt(np.bincount(sentence, values * values, minlength=len(sentences)))
-        candidate_value = np.where(ref_entry[starts], 0.0, values[starts])[run]
-        clipped = np.where(ref_entry, np.minimum(candidate_value, values) * values, 0.0)
-        total += _cosine(np.bincount(sentence, clipped, len(sentences)), norms[candidate_of], norms)
+        own_candidate = candidate_of[sentence]
+        ref = sentence != own_candidate
+        # same_run[e]: entry e continues the run of entry e - 1 (same n-gram, same image: the sentence of e - 1 is
+        # not before the candidate of e's image); False past the end.
+        same_run = np.zeros(len(ids) + 1, bool)
+        np.equal(ids[1:], ids[:-1], out=same_run[1:-1])
+        same_run[1:-1] &= sentence[:-1] >= own_candidate[1:]
+        # df(w) = images whose references hold w: count each run at its first reference entry.
+        first_ref = ref.copy()
+        first_ref[1:] &= ~(same_run[1:-1] & ref[:-1])
+        df = np.bincount(ids[first_ref], minlength=len(table))
+        values = (ref_len - np.log(np.maximum(1.0, df)))[ids]
+        values *= tf
+        norms = np.sqrt(np.bincount(sentence, values * values, len(sentences)))
+        # The reference entries sharing a candidate entry's n-gram follow it in its run.
+        clipped = np.zeros(len(sentences))
+        cand = np.flatnonzero(~ref)
+        cand_values, follower = values[cand], cand + 1
+        while len(follower):
+            match = same_run[follower]
+            cand_values, follower = cand_values[match], follower[match]
+            ref_values = values[follower]
+            clipped += np.bincount(sentence[follower], np.minimum(cand_values, ref_values) * ref_values, len(sentences))
+            follower += 1
+        total += _cosine(clipped, norms[candidate_of], norms)
     penalty = _length_penalty(lengths[candidate_of], lengths, n, sigma)
     scores = 10.0 * np.bincount(image, np.where(is_ref, total * penalty, 0.0), len(counts)) / n / counts
     return float(scores.mean()), scores
