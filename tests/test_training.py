@@ -261,6 +261,8 @@ def test_short_run_writes_model_metrics_table_curves_and_attention_maps(single_p
     for name in ("config.json", "model.safetensors", "generation_config.json", "processor_config.json",
                  "tokenizer.json"):
         assert (out / "model" / name).is_file(), name
+    provenance = json.loads((out / "model" / "hfcap_provenance.json").read_text())  # for hfcap push's card
+    assert provenance["weights"] == "trained" and provenance["dataset"] == "scenes" and "xe" in provenance["recipe"]
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "attention").glob("*.png"))) == 2
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard events"

@@ -764,6 +764,7 @@ class Trainer:
 
     def _final_evaluation(self) -> dict:
         """Save the final model; test the trivial baseline and each stage's best model; write table, curves, maps."""
+        from hfcap.hub import write_provenance
         from hfcap.metrics import format_metrics_table
 
         from .evaluation import evaluate_captioner, score_captions
@@ -795,6 +796,8 @@ class Trainer:
             shutil.rmtree(final_dir, ignore_errors=True)
             self.model.save_pretrained(final_dir)
             self.processor.save_pretrained(final_dir)
+            recipe = ", then ".join(f"{stage.name} ({stage.type}, lr {stage.lr:g})" for stage in config.stages)
+            write_provenance(final_dir, weights="trained", dataset=config.data.name, recipe=f"hfcap train: {recipe}")
             table = format_metrics_table(rows)
             print(f"\nTest metrics ({split} split, {len(dataset)} images, beam {config.test.num_beams}):\n{table}\n",
                   flush=True)
