@@ -15,7 +15,6 @@ elsewhere (e.g. a copy carried to the GPU machine). Needs neither `datasets` nor
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
