@@ -17,8 +17,7 @@ import pytest
 import yaml
 
 from hfcap.training.config import StageConfig, TrainingConfig
-from hfcap.training.trainer import (LATEST, STATE_FILE, LengthGroupedSampler, LRSchedule, latest_checkpoint,
-                                    most_frequent_caption)
+from hfcap.training.trainer import LATEST, STATE_FILE, LRSchedule, latest_checkpoint, most_frequent_caption
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
@@ -31,7 +30,7 @@ def tiny_config(output_dir, cache_dir, **top) -> dict:
         "output_dir": str(output_dir),
         "num_threads": 1,
         "data": {"name": "scenes", "num_train": 24, "num_val": 8, "num_test": 8, "scenes_image_size": 32,
-                 "cache_dir": str(cache_dir), "xe_captions": "grouped", "group_by_length": True},
+                 "cache_dir": str(cache_dir), "xe_captions": "grouped"},
         "processor": {"image_size": 32, "min_word_frequency": 1, "max_caption_length": 30},
         "model": {"type": "show_attend_tell",
                   "config": {"backbone": "test_efficientnet", "encoder_dim": 64, "trainable_backbone_layers": 5,
@@ -199,18 +198,6 @@ def test_only_a_complete_checkpoint_named_by_latest_is_resumed(tmp_path):
     (root / LATEST).write_text("00000009-xe-e1-b1")
     with pytest.raises(FileNotFoundError, match="missing or incomplete"):
         latest_checkpoint(tmp_path)
-
-
-def test_length_grouped_sampler_is_a_seeded_permutation_of_homogeneous_batches():
-    lengths = [(7 * i) % 31 for i in range(1000)]
-    sampler = LengthGroupedSampler(lengths, batch_size=10, seed=0)
-    first = list(sampler)
-    assert sorted(first) == list(range(1000)) and first == list(sampler)  # a permutation, the same per epoch
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    spread = [max(lengths[i] for i in first[k:k + 10]) - min(lengths[i] for i in first[k:k + 10])
-              for k in range(0, 1000, 10)]
-    assert max(spread) <= 2  # 50-batch megabatches of 500 rows sorted by length (31 distinct lengths)
 
 
 def test_most_frequent_caption_normalises_case_and_spaces():

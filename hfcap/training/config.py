@@ -45,8 +45,6 @@ class DataConfig:
         iterates over pairs; this is 5x cheaper per epoch on COCO);
       - ``grouped``: one row per image with all its captions; the image is encoded once and its features repeated
         for each caption (self-critical.pytorch's ``seq_per_img``), so ``batch_size`` counts images.
-    ``group_by_length``: batches of images (captions) of similar caption length, in random order (transformers'
-    ``group_by_length``): less padding, so fewer decoding steps per batch (about 2x fewer on the scenes).
     """
 
     name: str = "scenes"
@@ -66,7 +64,6 @@ class DataConfig:
     max_val_images: int | None = None
     max_test_images: int | None = None
     xe_captions: str = "pairs"
-    group_by_length: bool = False
     num_workers: int = 0
 
 

@@ -222,31 +222,6 @@ class Indexed(torch.utils.data.Dataset):
         return {**self.rows[index], "index": index}
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """A random order in which consecutive ``batch_size`` rows have similar caption lengths (transformers'
-    ``group_by_length``), so that padded batches decode fewer steps: shuffle with (seed, epoch), cut into
-    megabatches of 50 batches, sort each megabatch by length, cut into batches and shuffle those."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        size, batches = self.batch_size, []
-        for start in range(0, len(order), 50 * size):
-            megabatch = sorted(order[start:start + 50 * size], key=self.lengths.__getitem__)
-            batches += [megabatch[i:i + size] for i in range(0, len(megabatch), size)]
-        for batch in torch.randperm(len(batches), generator=generator).tolist():
-            yield from batches[batch]
-
-
 def make_collate(processor, kind: str):
     """``collate_fn`` of the training loaders.
 
@@ -581,8 +556,7 @@ class Trainer:
             self._save_checkpoint()
 
     def _train_loader(self, stage: StageConfig):
-        """The training DataLoader of a stage: shuffled (or length-grouped) with a per-epoch seed; accelerate shards
-        it over the processes."""
+        """The training DataLoader of a stage (shuffled; accelerate shards it and seeds the order per epoch)."""
         train, mode = self.splits["train"], self.config.data.xe_captions
         if stage.type == "scst":
             rows, kind = train.select_columns(["image", "image_id"]), "images"
@@ -590,21 +564,14 @@ class Trainer:
             rows, kind = caption_pairs(train), "pairs"
         else:
             rows, kind = train, "grouped" if mode == "grouped" else "pairs"
-        sampler = None
-        if self.config.data.group_by_length:
-            if stage.type == "xe" and mode == "pairs":
-                lengths = [len(caption.split()) for caption in rows["caption"]]
-            else:
-                lengths = [max(len(caption.split()) for caption in captions) for captions in train["captions"]]
-            sampler = LengthGroupedSampler(lengths, stage.batch_size, self.config.seed)
         if stage.cached_features:
             rows = self._cached_features(rows)
         if stage.type == "scst":
             rows = Indexed(rows)
         elif mode == "one_per_image":
             rows = OneCaptionPerImage(rows, self.config.seed)
-        return torch.utils.data.DataLoader(rows, batch_size=stage.batch_size, shuffle=sampler is None,
-                                           sampler=sampler, collate_fn=make_collate(self.processor, kind),
+        return torch.utils.data.DataLoader(rows, batch_size=stage.batch_size, shuffle=True,
+                                           collate_fn=make_collate(self.processor, kind),
                                            num_workers=self.config.data.num_workers)
 
     def _cached_features(self, rows):
