@@ -170,8 +170,7 @@ def compute_caption_metrics(
         metrics["METEOR"] = float(_meteor_scorer().compute_score(gts, res)[0])
     metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     keys = list(gts)
-    candidates, refs = [res[key][0].split() for key in keys], [[ref.split() for ref in gts[key]] for key in keys]
-    metrics["CIDEr-D"] = cider_d_corpus(candidates, refs)[0]
+    metrics["CIDEr-D"] = cider_d_corpus([res[key][0] for key in keys], [gts[key] for key in keys])[0]
     if spice and not missing_jars:
         metrics["SPICE"] = _spice(gts, res)
     return metrics
