@@ -21,9 +21,8 @@ processor is a `CaptioningProcessor`; for every other model it is the stock pipe
 Without hfcap installed (remote code), transformers' own pipeline is used:
 `pipeline("image-text-to-text", model=repo, trust_remote_code=True)(image, text="")`.
 
-`register_pipeline()` also repairs one transformers 5.23 log record: the "image-to-text" redirect calls
-`logger.warning_once(message, UserWarning)`, and the stray argument makes `logging` fail to format it (a
-"--- Logging error ---" traceback on stderr, and an exception under pytest, whose log handler re-raises).
+What differs between transformers releases here (the alias, a malformed log record, how sequences are grouped) is
+handled by `hfcap.compat`.
 """
 
 import logging
@@ -34,6 +33,7 @@ from PIL import Image
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
+from .compat import StrayWarningCategoryFilter, declare_image_to_text_alias, sequences_per_image
 from .processing.processing_captioning import CaptioningProcessor, ImageLoadError
 
 TASK = "image-text-to-text"
@@ -49,16 +49,6 @@ def _fetch_url(image, timeout):
         except Image.UnidentifiedImageError:
             raise ImageLoadError(f"not an image (or an unsupported format): {image}") from None
     return image
-
-
-class _StrayWarningCategoryFilter(logging.Filter):
-    """Drops the `UserWarning` class that transformers passes as the %-format argument of its "image-to-text"
-    deprecation message (`warning_once(message, UserWarning)`), so the record formats; the message is kept."""
-
-    def filter(self, record):
-        if record.args == (UserWarning,):
-            record.args = ()
-        return True
 
 
 class ImageCaptioningPipeline(ImageTextToTextPipeline):
@@ -120,9 +110,10 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
         """`ImageTextToTextPipeline._forward`, with the sequences grouped per image, `(B, num_return_sequences, L)`,
         so that batches split per image (transformers 5.23 does this itself, 5.17 returns `(B * k, L)`)."""
         outputs = super()._forward(model_inputs, generate_kwargs)
-        sequences, input_ids = outputs["generated_sequence"], outputs["input_ids"]
-        if self.is_captioner and sequences.ndim == 2 and sequences.shape[0] > input_ids.shape[0]:
-            outputs["generated_sequence"] = sequences.reshape(input_ids.shape[0], -1, sequences.shape[-1])
+        if self.is_captioner:
+            outputs["generated_sequence"] = sequences_per_image(
+                outputs["generated_sequence"], outputs["input_ids"].shape[0]
+            )
         return outputs
 
     def postprocess(self, model_outputs, **postprocess_kwargs):
@@ -152,13 +143,11 @@ def register_pipeline() -> None:
 
     Keeps the task's model classes and default model. Idempotent.
     """
-    # transformers 5.23 redirects the removed "image-to-text" task to "image-text-to-text" before looking it up;
-    # 5.17 has no redirect ("Unknown task"), so the name is also declared an alias (unused where the redirect exists).
-    PIPELINE_REGISTRY.task_aliases.setdefault("image-to-text", TASK)
+    declare_image_to_text_alias(PIPELINE_REGISTRY)
     entry = PIPELINE_REGISTRY.supported_tasks[TASK]
     if entry["impl"] is ImageCaptioningPipeline:
         return
-    logging.getLogger("transformers.pipelines").addFilter(_StrayWarningCategoryFilter())
+    logging.getLogger("transformers.pipelines").addFilter(StrayWarningCategoryFilter())
     registry_logger = logging.getLogger("transformers.pipelines.base")
     level = registry_logger.level
     registry_logger.setLevel(logging.ERROR)  # silence "already registered. Overwriting": replacing it is the point

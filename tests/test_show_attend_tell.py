@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from hfcap.compat import CACHE_NAME
 from hfcap.models.show_attend_tell import (
     ShowAttendTellConfig,
     ShowAttendTellDecoderState,
@@ -76,8 +77,8 @@ def test_forward_shapes_and_loss_parts():
     assert output.cross_attentions[0].shape == (3, 4, GRID * GRID)
     assert output.decoder_hidden_states[0].shape == (3, 4, 12)
     assert output.encoder_last_hidden_state.shape == (3, GRID * GRID, 16)
-    assert isinstance(output.past_key_values, ShowAttendTellDecoderState)
-    assert output.past_key_values.get_seq_length() == 4
+    assert isinstance(output[CACHE_NAME], ShowAttendTellDecoderState)
+    assert output[CACHE_NAME].get_seq_length() == 4
     torch.testing.assert_close(output.cross_attentions[0].sum(-1), torch.ones(3, 4))
     from_tuple = model(encoder_outputs=model.encoder(visual_features=features(), return_dict=False), labels=labels)
     assert torch.equal(from_tuple.logits, output.logits)
@@ -173,23 +174,25 @@ def test_padded_region_features_equal_the_unpadded_ones():
     torch.testing.assert_close(output.loss, reference.loss)
 
 
-def test_forward_from_a_state_continues_the_sequence():
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
+def test_forward_from_a_state_continues_the_sequence(cache_argument):
+    """Both names of the cache argument (transformers >= 5.25 passes `cache`, older releases `past_key_values`)."""
     model = tiny_model()
     feats = features()
     ids = torch.tensor([[BOS, 5, 6, 7]] * 3)
     with torch.no_grad():
         full = model(visual_features=feats, decoder_input_ids=ids)
         prefix = model(visual_features=feats, decoder_input_ids=ids[:, :2])
-        rest = model(visual_features=feats, decoder_input_ids=ids[:, 2:], past_key_values=prefix.past_key_values)
+        rest = model(visual_features=feats, decoder_input_ids=ids[:, 2:], **{cache_argument: prefix[CACHE_NAME]})
     assert torch.equal(torch.cat([prefix.logits, rest.logits], 1), full.logits)
-    assert prefix.past_key_values.get_seq_length() == 2  # the state passed in is not modified
+    assert prefix[CACHE_NAME].get_seq_length() == 2  # the state passed in is not modified
 
-    state = prefix.past_key_values
+    state = prefix[CACHE_NAME]
     state.batch_repeat_interleave(2)  # e.g. two continuations per image
     state.batch_select_indices(torch.tensor([5, 0]))  # image 2, image 0
     with torch.no_grad():
         picked = model(
-            visual_features=feats[[2, 0]], decoder_input_ids=ids[[2, 0], 2:], past_key_values=state
+            visual_features=feats[[2, 0]], decoder_input_ids=ids[[2, 0], 2:], **{cache_argument: state}
         ).logits
     torch.testing.assert_close(picked, full.logits[[2, 0], 2:], atol=1e-6, rtol=0)
 

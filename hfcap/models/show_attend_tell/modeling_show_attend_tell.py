@@ -22,6 +22,20 @@ from transformers.utils import ModelOutput
 
 from .configuration_show_attend_tell import ShowAttendTellConfig
 
+# Copied from hfcap.compat.CACHE_NAME
+CACHE_NAME = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+"""The decoder cache's argument and output-field name in the running transformers ("cache" from 5.25 on)."""
+
+
+# Copied from hfcap.compat.resolve_cache
+def resolve_cache(cache=None, past_key_values=None):
+    """The decoder cache passed to `forward` under either name (`cache`, or `past_key_values` before transformers
+    5.25); passing two different objects is an error."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the decoder cache as `cache` or as `past_key_values` (its name before transformers "
+                         "5.25), not both.")
+    return cache if cache is not None else past_key_values
+
 
 @dataclass
 class ShowAttendTellEncoderOutput(ModelOutput):
@@ -49,7 +63,8 @@ class ShowAttendTellSeq2SeqLMOutput(Seq2SeqLMOutput):
         loss (`torch.FloatTensor` of shape `()`): `loss_ce + doubly_stochastic_weight * loss_doubly_stochastic`. With
             sampled hard attention its gradient also carries the REINFORCE and entropy terms (their value is 0).
         logits (`torch.FloatTensor` of shape `(B, T, V)`): next-token scores before softmax.
-        past_key_values ([`ShowAttendTellDecoderState`]): the LSTM state after the last step, when `use_cache=True`.
+        cache ([`ShowAttendTellDecoderState`]): the LSTM state after the last step, when `use_cache=True` (the field
+            is `past_key_values` before transformers 5.25: `CACHE_NAME`).
         cross_attentions (`tuple(torch.FloatTensor)`): one tensor `(B, T, N)`, alpha_t over the annotation grid
             (row-major `encoder_grid_size x encoder_grid_size`), when `output_attentions=True`.
         decoder_hidden_states (`tuple(torch.FloatTensor)`): one tensor `(B, T, H)`, the LSTM outputs h_t.
@@ -86,7 +101,8 @@ class ShowAttendTellBeamSearchOutput(ModelOutput):
 
 class ShowAttendTellDecoderState:
     """
-    The recurrent state carried between decoding steps: `generate` passes it around as `past_key_values`.
+    The recurrent state carried between decoding steps: `generate` passes it around as the cache
+    (`cache`, or `past_key_values` before transformers 5.25).
 
     Args:
         hidden (`torch.FloatTensor` of shape `(B, H)`): h_t.
@@ -496,6 +512,7 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         decoder_attention_mask=None,
         attention_mask=None,
         encoder_outputs=None,
+        cache=None,
         past_key_values=None,
         labels=None,
         use_cache=None,
@@ -515,9 +532,10 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             attention_mask (`torch.LongTensor`, *optional*): the processor's mask of its `input_ids` prompts, as the
                 pipeline passes it to `generate`; same meaning as `decoder_attention_mask` (used when that is absent).
             encoder_outputs ([`ShowAttendTellEncoderOutput`], *optional*): precomputed encoder output.
-            past_key_values ([`ShowAttendTellDecoderState`], *optional*): continue from this LSTM state.
+            cache ([`ShowAttendTellDecoderState`], *optional*): continue from this LSTM state.
+            past_key_values: the same under its name before transformers 5.25 (give one of the two).
             labels (`torch.LongTensor` of shape `(B, T)`): `w_1 ... <end>`, -100 ignored.
-            use_cache (`bool`, *optional*): return the LSTM state as `past_key_values`.
+            use_cache (`bool`, *optional*): return the LSTM state as the cache.
             sample_attention (`bool`, *optional*): hard attention only. Sample the attended locations (True) or use the
                 expected context (False). Default: in training, one Bernoulli(`hard_attention_sampling_probability`)
                 draw per minibatch; otherwise `sample_attention_at_inference`.
@@ -559,7 +577,7 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             decoder_input_ids,
             encoder_outputs.last_hidden_state,
             encoder_attention_mask,
-            state=past_key_values,
+            state=resolve_cache(cache, past_key_values),
             attention_mask=decoder_attention_mask if decoder_attention_mask is not None else attention_mask,
             sample_attention=sample_attention,
         )
@@ -573,7 +591,7 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         output = ShowAttendTellSeq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=state if use_cache else None,
+            **{CACHE_NAME: state if use_cache else None},
             decoder_hidden_states=(hidden_states,) if output_hidden_states else None,
             cross_attentions=(alphas,) if output_attentions else None,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
