@@ -23,6 +23,7 @@ import torch
 
 import hfcap
 
+IMAGE_SIZE = 256  # the SAT tutorial's processor
 NEW_TOKENS = 20
 METHODS = {
     "greedy": {"num_beams": 1, "min_new_tokens": NEW_TOKENS},
@@ -80,8 +81,8 @@ def main():
     config = hfcap.ShowAttendTellConfig()
     model = hfcap.ShowAttendTellForConditionalGeneration(config).eval().to(device)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"model: Show-Attend-Tell {config.backbone} (random init), {config.image_size} px, decoder "
-          f"{config.decoder_dim}, vocab {config.vocab_size}, {parameters / 1e6:.1f}M parameters")
+    print(f"model: Show-Attend-Tell {config.backbone} (random init), {IMAGE_SIZE} px, decoder "
+          f"{config.d_model}, vocab {config.vocab_size}, {parameters / 1e6:.1f}M parameters")
     print(f"{NEW_TOKENS} new tokens per caption (HF searches forced with min_new_tokens={NEW_TOKENS}); "
           "times: best of >= 2 runs after a warm-up\n")
 
@@ -92,7 +93,7 @@ def main():
     for precision in precisions:
         model.to(torch.bfloat16 if precision == "bf16 weights" else torch.float32)
         for batch_size in batch_sizes:
-            pixel_values = torch.randn(batch_size, 3, config.image_size, config.image_size, device=device)
+            pixel_values = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
             seconds = {}
             for method, settings in METHODS.items():
                 if on_cuda:

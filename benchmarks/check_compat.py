@@ -44,8 +44,8 @@ def tiny_model_and_processor():
     tokenizer = build_word_level_tokenizer(CAPTIONS, min_frequency=1)
     processor = CaptioningProcessor(make_image_processor(32), tokenizer, max_caption_length=12)
     config = hfcap.ShowAttendTellConfig(
-        vocab_size=len(tokenizer), encoder_dim=96, attention_dim=16, embed_dim=16, decoder_dim=16,
-        encoder_grid_size=2, backbone="test_resnet", image_size=32, dropout=0.0,
+        vocab_size=len(tokenizer), visual_feature_dim=96, attention_dim=16, embed_dim=16, d_model=16,
+        encoder_grid_size=2, backbone="test_resnet", dropout=0.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
     )

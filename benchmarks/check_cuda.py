@@ -50,8 +50,8 @@ def tiny_model():
     that its captions depend on the image (as a trained model's would) and an `<end>` bias that ends them after
     about 5-13 tokens, so that the searches also finish hypotheses."""
     config = ShowAttendTellConfig(
-        vocab_size=40, encoder_dim=96, attention_dim=16, embed_dim=16, decoder_dim=16, encoder_grid_size=2,
-        backbone="test_resnet", image_size=32, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=40, visual_feature_dim=96, attention_dim=16, embed_dim=16, d_model=16, encoder_grid_size=2,
+        backbone="test_resnet", dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         decoder_start_token_id=1,
     )
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""`reference_beam_search`: each architecture's original (authors') beam search, through `generate`.
+"""Generation helpers shared by every architecture: `reference_beam_search` (each architecture's original, authors'
+beam search, through `generate`), the EOS cut of generated sequences, and the decoding flags of the CLI.
 
 Usage: `model.generate(pixel_values, num_beams=k, custom_generate=hfcap.reference_beam_search)`. transformers'
 `generate` accepts a callable `custom_generate`: it prepares the inputs as usual (encoder run once, its outputs
@@ -29,3 +30,40 @@ def reference_beam_search(
         generation_config=generation_config,
         **model_kwargs,
     )
+
+
+def eos_mask(tokens, eos_token_id):
+    """`(mask, finished)` of generated `tokens (N, T)`: `mask (N, T)` is True up to and including the first EOS,
+    `finished (N,)` True where an EOS occurs. The one EOS cut of evaluation, SCST and attention maps."""
+    is_eos = tokens == eos_token_id
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()
+    return eos_before == 0, is_eos.any(1)
+
+
+def add_generation_arguments(parser) -> None:
+    """The decoding flags of `hfcap caption` and `hfcap evaluate` (read back by `generate_kwargs_from_args`)."""
+    from argparse import ArgumentTypeError
+
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+        if value < 1:
+            raise ArgumentTypeError(f"must be a positive integer, got {value}")
+        return value
+
+    parser.add_argument("--num-beams", type=positive_int, help="beam size (default: the model's generation_config)")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="caption length limit (default: the model's generation_config)")
+    parser.add_argument("--reference-beam-search", action="store_true",
+                        help="decode with the authors' own beam search (hfcap.reference_beam_search) instead of "
+                             "Hugging Face's")
+
+
+def generate_kwargs_from_args(args) -> dict:
+    """`model.generate` keyword arguments from the flags of `add_generation_arguments` (unset flags left out)."""
+    kwargs = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens") if getattr(args, name) is not None}
+    if args.reference_beam_search:
+        kwargs["custom_generate"] = reference_beam_search
+    return kwargs

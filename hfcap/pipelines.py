@@ -12,6 +12,8 @@ processor is a `CaptioningProcessor`; for every other model it is the stock pipe
 
 - captions images given alone (a path, URL, PIL image, array or tensor, a list of them, a generator or dataset):
   the decoder prompt is "" (`[bos]`), so the caption is the model's own;
+- fetches URLs with a timeout (`URL_TIMEOUT` unless the call passes `timeout=`) and reports network failures as a
+  `RemoteFileError` naming the URL;
 - loads every image with `CaptioningProcessor`'s `load_image` (every PIL mode converted correctly, EXIF orientation
   not applied as in the reference evaluations, unreadable files rejected with an `ImageLoadError` naming the file)
   instead of transformers' `load_images`;
@@ -34,16 +36,23 @@ from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
 from .compat import StrayWarningCategoryFilter, declare_image_to_text_alias, sequences_per_image
+from .errors import RemoteFileError
 from .processing.processing_captioning import CaptioningProcessor, ImageLoadError
 
 TASK = "image-text-to-text"
+URL_TIMEOUT = 30.0
+"""Seconds the pipeline waits for a URL's server (connect and each read) when the call gives no `timeout`."""
 
 
 def _fetch_url(image, timeout):
-    """An http(s) URL -> the PIL image it serves (unconverted); anything else unchanged."""
+    """An http(s) URL -> the PIL image it serves (unconverted); anything else unchanged. Network failures raise a
+    `RemoteFileError` naming the URL."""
     if isinstance(image, str) and image.startswith(("http://", "https://")):
-        response = httpx.get(image, timeout=timeout, follow_redirects=True)
-        response.raise_for_status()
+        try:
+            response = httpx.get(image, timeout=URL_TIMEOUT if timeout is None else timeout, follow_redirects=True)
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise RemoteFileError(f"cannot fetch {image}: {error}") from error
         try:
             return Image.open(BytesIO(response.content))
         except Image.UnidentifiedImageError:
@@ -80,8 +89,10 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
         With `text`, prompts (prefixes the captions must start with) as in `ImageTextToTextPipeline`."""
         if not self.is_captioner:
             return super().__call__(images, text=text, **kwargs)
-        if images is None:
+        if images is None or (isinstance(images, (list, tuple)) and not images):
             raise ValueError("An image-captioning model needs images: pipe(image) or pipe(image, text=prompt).")
+        if isinstance(images, dict) and "images" not in images:
+            raise TypeError(f"a dict input needs an 'images' key (and optionally 'text'), got keys {sorted(images)}")
         if text is None:
             # Pipeline.__call__ runs a list/generator/dataset item by item (honouring batch_size); `preprocess`
             # turns each bare image into {"images": image, "text": ""}.

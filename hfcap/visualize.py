@@ -1,15 +1,15 @@
-"""Attention-map figures (Xu et al. 2015, Fig. 2/3) and training curves.
+"""Attention-map figures (Xu et al. 2015, Fig. 2/3), drawn in one place for `hfcap caption` and the trainer.
 
 ``attention_map`` draws the Show-Attend-Tell figure: the image, then one panel per generated word showing where the
-decoder attended (α over the encoder's spatial grid, upsampled and smoothed to the image size, overlaid as a heat
-map) with the word printed under it. It works for every hfcap model whose ``cross_attentions`` cover a spatial grid;
+decoder attended (α over the visual grid, upsampled and smoothed to the image size, overlaid as a heat map) with the
+word printed under it. It works for every hfcap model whose ``cross_attentions`` cover a spatial grid (SAT's pooled
+CNN map, ExpansionNet v2's 12×12 Swin grid, a pixel-input M²'s backbone grid; not region features);
 ``attention_from_generate`` turns the ``cross_attentions`` of ``model.generate(..., output_attentions=True,
-return_dict_in_generate=True)`` into the ``(T, N)`` array it needs, for greedy, sampling and beam search.
-
-``plot_training_curves`` plots loss, SCST reward and validation CIDEr-D against the step from a training log.
+return_dict_in_generate=True)`` into the ``(T, N)`` array it needs — the last decoder layer's cross-attention,
+averaged over heads (and M²'s encoder levels), as ``ATTENTION_NOTE`` says in every figure — for greedy, sampling and
+beam search. ``save_attention_maps`` captions images and writes their figures.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from hfcap.processing import load_image
 
-TRAINING_CURVES = {"loss": "loss", "reward": "SCST reward", "val_CIDEr-D": "validation CIDEr-D"}
+ATTENTION_NOTE = "attention: cross-attention of the last decoder layer, mean over heads"
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -81,6 +81,7 @@ def attention_map(
     panel_size: int = 224,
     colormap: str = "jet",
     opacity: float = 0.7,
+    note: str | None = None,
 ) -> Image.Image:
     """Draw the image followed by one attention panel per caption token.
 
@@ -95,17 +96,18 @@ def attention_map(
         max_columns: panels per row.
         panel_size: side P of each square panel in pixels.
         colormap: matplotlib colormap name for the heat map; opacity: its blending weight where α is largest.
+        note: a line printed under the plain image saying what α is (e.g. ``ATTENTION_NOTE``).
 
     Returns:
         An RGB image of width ``min(T + 1, max_columns) * P`` and height ``ceil((T + 1) / max_columns) * (P + P // 8)``:
-        each cell is the P×P panel above a P//8-pixel label strip. Panel 0 is the plain image.
+        each cell is the P×P panel above a P//8-pixel label strip. Panel 0 is the plain image (with ``note`` under it).
     """
     import matplotlib
 
     grids = _attention_grids(attentions, len(caption_tokens), grid_size)
     picture = load_image(image).resize((panel_size, panel_size), Image.Resampling.BICUBIC)
     cmap = matplotlib.colormaps[colormap]
-    panels = [(picture, "")] + [
+    panels = [(picture, note or "")] + [
         (_heat_panel(picture, grid, smooth, cmap, opacity), word) for grid, word in zip(grids, caption_tokens)
     ]
 
@@ -115,12 +117,12 @@ def attention_map(
     figure = Image.new("RGB", (columns * panel_size, rows * (panel_size + label_height)), "white")
     draw = ImageDraw.Draw(figure)
     font = ImageFont.load_default(size=max(label_height * 2 // 3, 8))
+    small_font = ImageFont.load_default(size=max(label_height // 3, 6))
     for index, (panel, word) in enumerate(panels):
         left, top = (index % columns) * panel_size, (index // columns) * (panel_size + label_height)
         figure.paste(panel, (left, top))
-        draw.text(
-            (left + panel_size / 2, top + panel_size + label_height / 2), word, fill="black", font=font, anchor="mm"
-        )
+        draw.text((left + panel_size / 2, top + panel_size + label_height / 2), word, fill="black",
+                  font=small_font if index == 0 else font, anchor="mm")
     return figure
 
 
@@ -136,8 +138,8 @@ def attention_from_generate(output, index: int = 0, *, eos_token_id, pad_token_i
             - whole sequences (``hfcap.reference_beam_search``): one tensor per layer of shape
               (rows, [heads...,] L - 1, N) whose position t produced token t + 1.
 
-            Heads and layers are averaged, as ``attention_map`` expects for transformer decoders (SAT has a single
-            head and layer).
+            The last layer's map is taken and averaged over every other axis (heads; M²'s encoder levels), which is
+            ``ATTENTION_NOTE`` (SAT has a single head and layer).
         index: which returned sequence (row of ``output.sequences``). With beam search ``output.beam_indices``
             says which beam row each step's token came from, so the maps follow the final hypothesis.
         eos_token_id: int or list of ints; decoding stops before the first of them (or ``pad_token_id``).
@@ -166,53 +168,31 @@ def attention_from_generate(output, index: int = 0, *, eos_token_id, pad_token_i
         if token in stop_ids or row < 0:
             break
         token_ids.append(token)
-        layers = [layer[row, ..., -1, :].reshape(-1, layer.shape[-1]).mean(0) for layer in attentions[step]]
-        maps.append(torch.stack(layers).mean(0).float().cpu())
+        last_layer = attentions[step][-1]
+        maps.append(last_layer[row, ..., -1, :].reshape(-1, last_layer.shape[-1]).mean(0).float().cpu())
     return token_ids, torch.stack(maps) if maps else torch.zeros(0, attentions[0][0].shape[-1])
 
 
-def _read_records(log) -> list[dict]:
-    """Records from a JSON-lines file path or an iterable of dicts."""
-    if isinstance(log, (str, Path)):
-        with open(log, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    return list(log)
+def save_attention_maps(model, processor, images, paths, **generate_kwargs) -> list[str]:
+    """Caption `images` (anything `load_image` reads) with `model.generate(**generate_kwargs)` and write each image's
+    attention figure to the matching entry of `paths`; returns the captions (one per image)."""
+    import torch
 
-
-def plot_training_curves(log, output_png) -> Path:
-    """Plot loss, SCST reward and validation CIDEr-D against ``step`` into a PNG.
-
-    Args:
-        log: path of a JSON-lines training log, or a list of records such as
-            ``{"step": 10, "stage": "xe", "loss": 3.2}`` / ``{"step": 900, "stage": "scst", "reward": 0.4,
-            "val_CIDEr-D": 61.0}``. Each of ``loss``, ``reward`` and ``val_CIDEr-D`` gets a subplot when some record
-            has it; each training stage is a separate line.
-        output_png: where to write the figure: 500×400 pixels per subplot, side by side.
-
-    Returns:
-        The path of the PNG.
-    """
-    from matplotlib.figure import Figure
-
-    records = [record for record in _read_records(log) if "step" in record]
-    keys = [key for key in TRAINING_CURVES if any(record.get(key) is not None for record in records)]
-    if not keys:
-        raise ValueError(f"no records with 'step' and any of {list(TRAINING_CURVES)} to plot")
-    figure = Figure(figsize=(5 * len(keys), 4), dpi=100, layout="constrained")
-    for axes, key in zip(figure.subplots(1, len(keys), squeeze=False)[0], keys):
-        stages = dict.fromkeys(record.get("stage", "train") for record in records if record.get(key) is not None)
-        for stage in stages:
-            points = [
-                (record["step"], record[key])
-                for record in records
-                if record.get(key) is not None and record.get("stage", "train") == stage
-            ]
-            steps, values = zip(*points)
-            axes.plot(steps, values, marker="." if len(points) < 50 else None, label=stage)
-        axes.set(title=TRAINING_CURVES[key], xlabel="step")
-        axes.grid(alpha=0.3)
-        axes.legend()
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png, format="png")
-    return output_png
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("attention maps are drawn for one caption per image: do not set num_return_sequences")
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model.generate(pixel_values=pixel_values, **generate_kwargs, output_attentions=True,
+                                    return_dict_in_generate=True)
+    finally:
+        model.train(was_training)
+    for index, (image, path) in enumerate(zip(images, paths)):
+        token_ids, attentions = attention_from_generate(output, index, eos_token_id=model.generation_config.eos_token_id,
+                                                        pad_token_id=model.generation_config.pad_token_id)
+        words = processor.tokenizer.convert_ids_to_tokens(token_ids)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        attention_map(image, words, attentions, note=ATTENTION_NOTE).save(path)
+    return processor.batch_decode(output.sequences, skip_special_tokens=True)

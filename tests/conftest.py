@@ -48,7 +48,7 @@ def tiny_processor(captions, image_size: int = 32, **processor_kwargs) -> Captio
 
 def tiny_sat_model(processor, *, seed: int = 0, **config) -> ShowAttendTellForConditionalGeneration:
     """A random Show-Attend-Tell (initialised after `torch.manual_seed(seed)`) that fits `processor`: vocabulary size,
-    special token ids and image size come from it, every other setting from `config` (ShowAttendTellConfig fields)."""
+    and special token ids come from it, every other setting from `config` (ShowAttendTellConfig fields)."""
     tokenizer = processor.tokenizer
     config = ShowAttendTellConfig(
         vocab_size=len(tokenizer),
@@ -56,7 +56,7 @@ def tiny_sat_model(processor, *, seed: int = 0, **config) -> ShowAttendTellForCo
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.bos_token_id,
-        **{"image_size": processor.image_processor.size["height"], **config},
+        **config,
     )
     torch.manual_seed(seed)
     return ShowAttendTellForConditionalGeneration(config)
@@ -67,8 +67,8 @@ def tiny_sat(use_backbone=True, seed=0, dropout=0.0):
     attention/embedding/LSTM) for 32 px images, over the words of `TRAIN_CAPTIONS` (captions cut at 12 words)."""
     processor = tiny_processor([c for caps in TRAIN_CAPTIONS for c in caps], image_size=32, max_caption_length=12)
     model = tiny_sat_model(
-        processor, seed=seed, backbone="test_resnet", use_backbone=use_backbone, encoder_dim=96, encoder_grid_size=2,
-        attention_dim=16, embed_dim=16, decoder_dim=16, dropout=dropout,
+        processor, seed=seed, backbone="test_resnet", use_backbone=use_backbone, visual_feature_dim=96, encoder_grid_size=2,
+        attention_dim=16, embed_dim=16, d_model=16, dropout=dropout,
     )
     return model, processor
 
@@ -90,7 +90,7 @@ def save_tiny_captioner(directory, *, seed: int = 0, constant_token: int | None 
     )
     processor = CaptioningProcessor(make_image_processor(64), tokenizer)
     model = tiny_sat_model(
-        processor, seed=seed, backbone="resnet10t", encoder_dim=512, attention_dim=8, embed_dim=8, decoder_dim=8,
+        processor, seed=seed, backbone="resnet10t", visual_feature_dim=512, attention_dim=8, embed_dim=8, d_model=8,
         encoder_grid_size=2,
     ).eval()
     with torch.no_grad():
@@ -127,7 +127,9 @@ def tutorial_sat_model(case: str) -> ShowAttendTellForConditionalGeneration:
     dims = spec["constructor"]["DecoderWithAttention"]
     specials = spec["word_map"]["specials"]
     config = ShowAttendTellConfig(
-        **{key: dims[key] for key in ("vocab_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim")},
+        **{key: dims[key] for key in ("vocab_size", "attention_dim", "embed_dim")},
+        visual_feature_dim=dims["encoder_dim"],
+        d_model=dims["decoder_dim"],
         dropout=dims["dropout"],
         use_backbone=False,
         pad_token_id=specials["<pad>"],

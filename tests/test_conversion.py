@@ -1,6 +1,5 @@
 """Show-Attend-Tell converter: the authors' tutorial checkpoints become hfcap models that reproduce the reference."""
 
-import argparse
 import importlib
 import json
 import os
@@ -13,13 +12,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hfcap import hub
-from hfcap.conversion import configure_parser, convert_checkpoint, run
+from hfcap.cards import converted_provenance, model_card
+from hfcap.cli import main
+from hfcap.conversion import convert_checkpoint
 from hfcap.conversion.safe_unpickle import CheckpointError, CorruptCheckpointError, UnsafePickleError
 from hfcap.conversion.show_attend_tell import RESNET_CHILDREN, map_encoder_state_dict, read_checkpoint
 from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 from hfcap.models.show_attend_tell.modeling_show_attend_tell import ShowAttendTellEncoder
+from hfcap.loading import load_captioner
 from hfcap.processing import CaptioningProcessor
+from hfcap.provenance import resolve_provenance
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference"
 SAT = REFERENCE / "sat"
@@ -123,8 +125,9 @@ def test_converted_fixture_reproduces_the_reference(converted):
     model = ShowAttendTellForConditionalGeneration.from_pretrained(output).eval()
 
     constructor = case["constructor"]["DecoderWithAttention"]
+    ours = {"decoder_dim": "d_model", "encoder_dim": "visual_feature_dim"}  # hfcap's shared config names
     for name in ("vocab_size", "embed_dim", "attention_dim", "decoder_dim", "encoder_dim", "dropout"):
-        assert getattr(model.config, name) == constructor[name], name
+        assert getattr(model.config, ours.get(name, name)) == constructor[name], name
     assert model.config.use_backbone is False  # the fixture checkpoints hold no encoder: features only
 
     reference = torch.load(case_dir / "decoder_state_dict.pth", weights_only=True)
@@ -318,14 +321,12 @@ def test_missing_files_are_named(tmp_path):
 
 def test_unknown_architecture(tmp_path):
     case_dir = SAT / "small"
-    with pytest.raises(ValueError, match="unknown architecture 'show-and-tell'; converters exist for: show-attend"):
+    with pytest.raises(ValueError, match="unknown architecture 'show-and-tell'; hfcap has: show-attend-tell"):
         convert_checkpoint("show-and-tell", case_dir / "checkpoint.pth.tar", case_dir / "WORDMAP.json", tmp_path)
 
 
 def _convert_cli(argv):
-    parser = argparse.ArgumentParser(prog="hfcap convert")
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    return main(["convert", *argv])
 
 
 def test_cli_converts_and_reports_errors(tmp_path, capsys):
@@ -335,12 +336,18 @@ def test_cli_converts_and_reports_errors(tmp_path, capsys):
                          "--vocab", str(case_dir / "WORDMAP.json"), "--output", str(output), "--image-size", "224"])
     assert code == 0 and f"-> {output}" in capsys.readouterr().out
     assert CaptioningProcessor.from_pretrained(output).image_processor.size == {"height": 224, "width": 224}
-    assert ShowAttendTellConfig.from_pretrained(output).image_size == 224
 
     code = _convert_cli(["show-attend-tell", "--checkpoint", str(tmp_path / "missing.pth.tar"),
                          "--vocab", str(case_dir / "WORDMAP.json"), "--output", str(tmp_path / "x")])
-    assert code == 1
-    assert "hfcap convert: error: checkpoint file not found:" in capsys.readouterr().err
+    assert code == 3  # the exit status of a missing input file, in every subcommand
+    error = capsys.readouterr().err
+    assert error.startswith("hfcap convert: error: checkpoint file not found:") and error.count("\n") == 1
+
+    for flag, value in (("--image-size", "0"), ("--num-beams", "-2")):
+        code = _convert_cli(["show-attend-tell", "--checkpoint", str(case_dir / "checkpoint.pth.tar"),
+                             "--vocab", str(case_dir / "WORDMAP.json"), "--output", str(tmp_path / "y"), flag, value])
+        assert code == 2 and "must be an integer in" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # refused before anything is written
 
 
 def test_converted_directory_records_its_provenance_for_the_model_card(tmp_path):
@@ -353,9 +360,9 @@ def test_converted_directory_records_its_provenance_for_the_model_card(tmp_path)
     source = "the show-attend-tell checkpoint `checkpoint.pth.tar` and its vocabulary `WORDMAP.json`"
     assert json.loads((output / "hfcap_provenance.json").read_text()) == {"weights": "converted", "source": source}
 
-    model, _ = hub.load_for_hub(output)  # what `hfcap push` renders its card from, without the upload
-    provenance = hub.resolve_provenance(output, model.config.model_type)  # no CLI overrides
-    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance)
+    model, _ = load_captioner(output)  # what `hfcap push` renders its card from, without the upload
+    provenance = resolve_provenance(output, converted_provenance(model.config.model_type))  # no CLI overrides
+    card = model_card(model.config, {"num_beams": 5}, repo_id="org/sat", provenance=provenance)
     assert f"- **Weights:** converted from {source}.\n" in card.text
     assert f"Converted from {source} with `hfcap convert show-attend-tell`." in card.text
     assert card.data.license == "mit" and card.data.datasets == ["yerevann/coco-karpathy"]  # the authors' facts

@@ -138,6 +138,34 @@ def test_every_model_folder_carries_the_cache_compat():
         assert {"hfcap.compat.CACHE_NAME", "hfcap.compat.resolve_cache"} <= targets, modeling
 
 
+SHARED_SOURCE = "hfcap.models.show_attend_tell.modeling_show_attend_tell"
+SHARED_PIECES = [
+    "shift_tokens_right",
+    "create_timm_backbone",
+    "init_timm_module",
+    "check_visual_inputs",
+    "check_token_ids",
+    "check_encoder_hidden_states",
+    "ShowAttendTellEncoder.get_image_features",
+    "ShowAttendTellPreTrainedModel.backbone",
+    "ShowAttendTellPreTrainedModel.get_image_features",
+    "ShowAttendTellPreTrainedModel.save_pretrained",
+    "ShowAttendTellPreTrainedModel.generate",
+]
+"""What every self-contained model folder needs beyond the compat: Show-Attend-Tell's modeling file defines them, the
+other modeling files carry marked copies."""
+
+
+def test_every_model_folder_carries_the_shared_pieces():
+    source = ROOT / "hfcap" / "models" / "show_attend_tell" / "modeling_show_attend_tell.py"
+    for modeling in sorted((ROOT / "hfcap" / "models").glob("*/modeling_*.py")):
+        if modeling == source:
+            continue
+        targets = {copy["target"] for copy in COPIES if copy["path"] == modeling}
+        missing = [piece for piece in SHARED_PIECES if f"{SHARED_SOURCE}.{piece}" not in targets]
+        assert not missing, f"{modeling.relative_to(ROOT)} lacks marked copies of {missing}"
+
+
 def test_a_changed_copy_is_detected(tmp_path, monkeypatch):
     """The checker itself: a copy that drifts from its source is reported, and `--fix` restores it."""
     package = tmp_path / "hfcap" / "models" / "toy"

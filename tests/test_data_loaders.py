@@ -195,11 +195,14 @@ def run_cli(monkeypatch, argv):
 
 def test_cli_inspect_karpathy(karpathy_coco, monkeypatch, capsys):
     path, root = karpathy_coco
-    assert run_cli(monkeypatch, ["data", "inspect", "--karpathy", str(path), "--images-root", str(root)]) == 0
+    argv = ["data", "inspect", "--data", "karpathy", "--karpathy-json", str(path), "--images-root"]
+    assert run_cli(monkeypatch, [*argv, str(root)]) == 0
     out = capsys.readouterr().out
     assert "train: 3 images, 6 captions" in out and "val: 1 images" in out and "caption 4 one." in out
-    assert run_cli(monkeypatch, ["data", "inspect", "--karpathy", str(path), "--images-root", str(root / "x")]) == 1
+    assert run_cli(monkeypatch, [*argv, str(root / "x")]) == 2  # an invalid dataset record
     assert "image file not found" in capsys.readouterr().err
+    assert run_cli(monkeypatch, ["data", "inspect", "--data", "karpathy"]) == 2
+    assert "--data karpathy needs --karpathy-json and --images-root" in capsys.readouterr().err
 
 
 def test_cli_scenes(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """`hfcap evaluate` / `evaluate_captioner`: result files, id alignment, decoding options, and a 2-process run
 (no duplicates, same captions as one process; SCST gradients synchronised under DDP)."""
 
-import argparse
 import json
 import os
 import socket
@@ -16,9 +15,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hfcap
-from hfcap import hub
+import hfcap.cli
+from hfcap.cards import converted_provenance, model_card, read_metrics
 from hfcap.data import load_karpathy
-from hfcap.training import evaluation
+from hfcap.provenance import resolve_provenance
 from hfcap.training.evaluation import evaluate_captioner, generate_captions, score_captions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,8 @@ def setup(tmp_path_factory):
 
 
 def main(argv):
-    """`hfcap evaluate ARGS` (the subcommand's own parser: hfcap.cli imports every subcommand's module)."""
-    parser = argparse.ArgumentParser(prog="hfcap evaluate")
-    evaluation.configure_parser(parser)
-    return evaluation.run(parser.parse_args(argv))
+    """`hfcap evaluate ARGS`."""
+    return hfcap.cli.main(["evaluate", *argv])
 
 
 def _cli_args(root, output, *extra):
@@ -114,9 +112,10 @@ def test_cider_only_run_is_described_as_such_by_the_model_card(setup):
     summary = json.loads((output / "metrics.json").read_text())
     assert summary["protocol"] == "cider-d-only" and set(summary["metrics"]) == {"CIDEr-D"}
     model = AutoModelForImageTextToText.from_pretrained(setup / "model")
-    provenance = hub.resolve_provenance(setup / "model", "show_attend_tell", weights="trained", dataset="tiny")
-    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
-                          evaluation=hub.read_metrics(output / "metrics.json"))
+    provenance = resolve_provenance(setup / "model", converted_provenance("show_attend_tell"), weights="trained",
+                                    dataset="tiny")
+    card = model_card(model.config, {"num_beams": model.generation_config.num_beams}, repo_id="org/sat",
+                      provenance=provenance, evaluation=read_metrics(output / "metrics.json"))
     assert "fast mode (`hfcap evaluate --cider-only`): corpus CIDEr-D only" in card.text
     assert "PTB tokenizer, then BLEU" not in card.text
     assert [(result.metric_name, result.dataset_split) for result in card.data.eval_results] == [("CIDEr-D", "test")]
@@ -141,8 +140,11 @@ def test_duplicate_image_ids_are_rejected(setup):
 
 
 def test_cli_errors(setup, capsys):
-    assert main(["--model", str(setup / "missing"), "--output", str(setup / "x")]) == 2
-    assert "not a saved model directory" in capsys.readouterr().err
+    assert main(["--model", str(setup / "missing"), "--output", str(setup / "x")]) == 3
+    assert "model directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse: --max-images takes a positive integer
+        main(_cli_args(setup, setup / "x", "--max-images", "0"))
+    assert exited.value.code == 2 and "--max-images: must be a positive integer" in capsys.readouterr().err
     assert main(["--model", str(setup / "model"), "--data", "karpathy", "--output", str(setup / "x")]) == 2
     assert "--karpathy-json" in capsys.readouterr().err
     assert main(_cli_args(setup, setup / "x")[:-4] + ["--split", "dev", "--output", str(setup / "x")]) == 2

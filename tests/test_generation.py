@@ -110,12 +110,12 @@ def test_default_length_limit_is_caption_pys_51_steps(tutorial):
 def test_attentions_follow_the_returned_sequences(tutorial):
     model, features = tutorial
     output = reference(model, features, num_beams=3, return_dict_in_generate=True, output_attentions=True)
-    alphas = output.cross_attentions[0]
+    alphas = output.cross_attentions[0][:, 0]
     assert alphas.shape == (features.shape[0], output.sequences.shape[1] - 1, 196)
     with torch.no_grad():
         forced = model(
             visual_features=features, decoder_input_ids=output.sequences[:, :-1], output_attentions=True
-        ).cross_attentions[0]
+        ).cross_attentions[0][:, 0]
     produced = output.sequences[:, 1:] != model.config.pad_token_id
     torch.testing.assert_close(alphas[produced], forced[produced], atol=1e-12, rtol=0)
     assert (alphas[~produced] == 0).all()

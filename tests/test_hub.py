@@ -14,10 +14,14 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-from hfcap import hub
+from hfcap import cards
+from hfcap.cards import converted_provenance, model_card, read_metrics
 from hfcap.cli import main as hfcap_cli
+from hfcap.models import ARCHITECTURES
+from hfcap.provenance import PROVENANCE_FILE, resolve_provenance, write_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
+SAT_RELEASED = converted_provenance("show_attend_tell")
 METRICS = {"BLEU-1": 0.7012, "BLEU-2": 0.5321, "BLEU-3": 0.3903, "BLEU-4": 0.2845, "METEOR": 0.2412,
            "ROUGE-L": 0.5233, "CIDEr-D": 0.9118}
 SUMMARY = {"split": "test", "num_images": 500, "generate_kwargs": {"num_beams": 3}, "protocol": "coco",
@@ -183,14 +187,19 @@ def test_pushed_repos_map_every_auto_class(round_trip, repo_id):
     }
 
 
+def generation_defaults(model):
+    """What `hfcap push` puts in the card's details: the model's values of its architecture's generation defaults."""
+    return {name: getattr(model.generation_config, name) for name in ARCHITECTURES[model.config.model_type].generation_defaults}
+
+
 # --- model cards ----------------------------------------------------------------------------------------------------
 
 
 def test_card_from_metrics_json(model_dir, metrics_file):
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
-    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
-                          evaluation=hub.read_metrics(metrics_file))
+    provenance = resolve_provenance(model_dir, SAT_RELEASED, weights="converted")
+    card = model_card(model.config, generation_defaults(model), repo_id="org/sat", provenance=provenance,
+                          evaluation=read_metrics(metrics_file))
     reloaded = ModelCard(str(card))
     assert reloaded.data.datasets == ["yerevann/coco-karpathy"]
     assert reloaded.data.license == "mit"
@@ -202,8 +211,8 @@ def test_card_from_metrics_json(model_dir, metrics_file):
     assert "Converted from the tutorial author's released checkpoint" in reloaded.text
     assert "`num_beams=5`, `max_new_tokens=51`" in reloaded.text
     assert 'pipeline("image-to-text", model="org/sat")' in reloaded.text
-    flickr = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
-                            evaluation=hub.read_metrics(metrics_file), eval_dataset="Flickr8k")
+    flickr = model_card(model.config, generation_defaults(model), repo_id="org/sat", provenance=provenance,
+                            evaluation=read_metrics(metrics_file), eval_dataset="Flickr8k")
     assert {(result.dataset_type, result.dataset_name) for result in flickr.data.eval_results} == {
         ("Flickr8k", "Flickr8k")
     }
@@ -211,8 +220,8 @@ def test_card_from_metrics_json(model_dir, metrics_file):
 
 def test_card_without_metrics_has_no_model_index(model_dir):
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
-    card = hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance)
+    provenance = resolve_provenance(model_dir, SAT_RELEASED, weights="converted")
+    card = model_card(model.config, generation_defaults(model), repo_id="org/sat", provenance=provenance)
     assert ModelCard(str(card)).data.eval_results is None
     assert "model-index:" not in str(card)
     assert "Not evaluated by hfcap yet" in card.text
@@ -221,13 +230,13 @@ def test_card_without_metrics_has_no_model_index(model_dir):
 
 def test_card_describes_the_evaluation_protocol_of_metrics_json(model_dir, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    provenance = hub.resolve_provenance(model_dir, "show_attend_tell", weights="converted")
+    provenance = resolve_provenance(model_dir, SAT_RELEASED, weights="converted")
     metrics_file = tmp_path / "metrics.json"
 
     def card_text(summary):
         metrics_file.write_text(json.dumps(summary))
-        evaluation = hub.read_metrics(metrics_file)
-        return hub.model_card(model.config, model.generation_config, repo_id="org/sat", provenance=provenance,
+        evaluation = read_metrics(metrics_file)
+        return model_card(model.config, generation_defaults(model), repo_id="org/sat", provenance=provenance,
                               evaluation=evaluation).text
 
     coco = card_text(SUMMARY)
@@ -237,51 +246,54 @@ def test_card_describes_the_evaluation_protocol_of_metrics_json(model_dir, tmp_p
     assert "BLEU, METEOR, ROUGE-L and SPICE were not computed" in fast and "PTB tokenizer, then BLEU" not in fast
     unrecorded = card_text(METRICS)  # a flat dict says nothing about its protocol
     assert "does not record how they were computed" in unrecorded and "PTB tokenizer, then BLEU" not in unrecorded
-    assert "PTB tokenizer, then BLEU" in hub.model_card(model.config, model.generation_config, repo_id="org/sat",
+    assert "PTB tokenizer, then BLEU" in model_card(model.config, generation_defaults(model), repo_id="org/sat",
                                                         provenance=provenance).text  # not evaluated: hfcap's protocol
 
     metrics_file.write_text(json.dumps({**SUMMARY, "protocol": "coco-ish"}))
     with pytest.raises(ValueError, match="unknown protocol 'coco-ish'; expected one of 'coco', 'cider-d-only'"):
-        hub.read_metrics(metrics_file)
+        read_metrics(metrics_file)
     metrics_file.write_text(json.dumps({**SUMMARY, "protocol": "cider-d-only"}))
     with pytest.raises(ValueError, match="'cider-d-only' computes CIDEr-D alone, but the file has \\['BLEU-1'"):
-        hub.read_metrics(metrics_file)
+        read_metrics(metrics_file)
 
 
-def test_committed_reference_card_is_current():
-    assert str(hub.reference_card("show_attend_tell")) == (ROOT / "model_cards/show-attend-tell.md").read_text()
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_committed_reference_cards_are_current(model_type):
+    name = ARCHITECTURES[model_type].cli_name
+    assert str(cards.reference_card(model_type)) == (ROOT / f"model_cards/{name}.md").read_text()
 
 
 def test_card_template_is_package_data():
     """The template ships inside the hfcap package (pyproject's package-data takes its *.md), so installed copies of
     hfcap render cards; only the rendered cards live in the repository's model_cards/."""
-    assert hub.TEMPLATE == Path(hub.__file__).parent / "model_card_template.md" and hub.TEMPLATE.is_file()
-    assert sorted(path.name for path in (ROOT / "model_cards").iterdir()) == ["show-attend-tell.md"]
+    assert cards.TEMPLATE == Path(cards.__file__).parent / "model_card_template.md" and cards.TEMPLATE.is_file()
+    expected = sorted(f"{architecture.cli_name}.md" for architecture in ARCHITECTURES.values())
+    assert sorted(path.name for path in (ROOT / "model_cards").iterdir()) == expected
 
 
 def test_read_metrics_accepts_flat_dicts_and_rejects_bad_files(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"CIDEr-D": 1.2}))
-    assert hub.read_metrics(flat) == hub.Evaluation(metrics={"CIDEr-D": 1.2})
+    assert read_metrics(flat) == cards.Evaluation(metrics={"CIDEr-D": 1.2})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"metrics": {"CIDEr": 1.2}}))
     with pytest.raises(ValueError, match="unknown metric keys \\['CIDEr'\\]"):
-        hub.read_metrics(bad)
+        read_metrics(bad)
     bad.write_text(json.dumps({"BLEU-4": "high"}))
     with pytest.raises(ValueError, match="must be numbers"):
-        hub.read_metrics(bad)
+        read_metrics(bad)
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        hub.read_metrics(tmp_path / "missing.json")
+        read_metrics(tmp_path / "missing.json")
 
 
 def test_write_provenance_is_what_resolve_provenance_reads(tmp_path):
-    path = hub.write_provenance(tmp_path, weights="trained", dataset="Flickr8k", recipe="XE then SCST", source=None)
-    assert path == tmp_path / hub.PROVENANCE_FILE
+    path = write_provenance(tmp_path, weights="trained", dataset="Flickr8k", recipe="XE then SCST", source=None)
+    assert path == tmp_path / PROVENANCE_FILE
     assert json.loads(path.read_text()) == {"weights": "trained", "dataset": "Flickr8k", "recipe": "XE then SCST"}
-    provenance = hub.resolve_provenance(tmp_path, "show_attend_tell")
+    provenance = resolve_provenance(tmp_path, SAT_RELEASED)
     assert (provenance.weights, provenance.dataset, provenance.recipe) == ("trained", "Flickr8k", "XE then SCST")
-    hub.write_provenance(tmp_path, weights="converted")  # replaces the file
-    assert hub.resolve_provenance(tmp_path, "show_attend_tell").source.startswith("the tutorial author's released")
+    write_provenance(tmp_path, weights="converted")  # replaces the file
+    assert resolve_provenance(tmp_path, SAT_RELEASED).source.startswith("the tutorial author's released")
     for fields, message in [
         ({"weights": "converted", "origin": "x"}, "unknown provenance fields \\['origin'\\]"),
         ({"dataset": "Flickr8k"}, "weights must be one of converted, trained, got None"),
@@ -289,23 +301,23 @@ def test_write_provenance_is_what_resolve_provenance_reads(tmp_path):
         ({"weights": "trained", "dataset": 8}, "must be strings: dataset=8"),
     ]:
         with pytest.raises(ValueError, match=message):
-            hub.write_provenance(tmp_path / "unwritten", **fields)
+            write_provenance(tmp_path / "unwritten", **fields)
     assert not (tmp_path / "unwritten").exists()
 
 
 def test_provenance_file_and_overrides(tmp_path):
-    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "dataset": "Flickr8k"}))
-    provenance = hub.resolve_provenance(tmp_path, "show_attend_tell", recipe="SCST")
+    (tmp_path / PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "dataset": "Flickr8k"}))
+    provenance = resolve_provenance(tmp_path, SAT_RELEASED, recipe="SCST")
     assert (provenance.weights, provenance.dataset, provenance.recipe) == ("trained", "Flickr8k", "SCST")
-    converted = hub.resolve_provenance(tmp_path, "show_attend_tell", weights="converted", dataset=None)
+    converted = resolve_provenance(tmp_path, SAT_RELEASED, weights="converted", dataset=None)
     assert converted.source.startswith("the tutorial author's released checkpoint")
     assert converted.dataset == "Flickr8k"  # the file's value still overrides the architecture default
-    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained"}))
+    (tmp_path / PROVENANCE_FILE).write_text(json.dumps({"weights": "trained"}))
     with pytest.raises(ValueError, match="needs --dataset"):
-        hub.resolve_provenance(tmp_path, "show_attend_tell")
-    (tmp_path / hub.PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "origin": "x"}))
+        resolve_provenance(tmp_path, SAT_RELEASED)
+    (tmp_path / PROVENANCE_FILE).write_text(json.dumps({"weights": "trained", "origin": "x"}))
     with pytest.raises(ValueError, match="unknown keys \\['origin'\\]"):
-        hub.resolve_provenance(tmp_path, "show_attend_tell")
+        resolve_provenance(tmp_path, SAT_RELEASED)
 
 
 # --- hfcap push: bad inputs fail before anything is uploaded ---------------------------------------------------------
@@ -320,16 +332,16 @@ def test_push_rejects_directories_that_are_not_hfcap_models(model_dir, tmp_path,
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         (no_processor / name).write_bytes((model_dir / name).read_bytes())
     cases = [
-        (tmp_path / "absent", "is not a directory"),
-        (tmp_path, "has no config.json"),
-        (bert, "holds a 'bert' model, not an hfcap model"),
-        (no_processor, "has no processor"),
+        (tmp_path / "absent", 3, "model directory not found"),
+        (tmp_path, 2, "has no config.json"),
+        (bert, 2, "holds a 'bert' model, not an hfcap model"),
+        (no_processor, 2, "has no loadable CaptioningProcessor"),
     ]
-    for directory, message in cases:
-        assert hfcap_cli(["push", str(directory), "--repo-id", "org/x", *TRAINED]) == 2
+    for directory, code, message in cases:
+        assert hfcap_cli(["push", str(directory), "--repo-id", "org/x", *TRAINED]) == code
         assert message in capsys.readouterr().err
     assert hfcap_cli(["push", str(model_dir), "--repo-id", "org/x"]) == 2
     assert "--weights converted" in capsys.readouterr().err
     assert hfcap_cli(["push", str(model_dir), "--repo-id", "org/x", "--metrics", str(tmp_path / "m.json"),
-                      *TRAINED]) == 2
+                      *TRAINED]) == 3
     assert "metrics file not found" in capsys.readouterr().err

@@ -9,7 +9,8 @@ from transformers import BertConfig
 
 from hfcap.cli import main
 from hfcap.generation import reference_beam_search
-from hfcap.inference import caption_images, load_captioner
+from hfcap.inference import caption_images
+from hfcap.loading import load_captioner
 from hfcap.models.show_attend_tell import ShowAttendTellForConditionalGeneration
 from hfcap.visualize import attention_from_generate
 
@@ -21,8 +22,8 @@ def _tiny_sat(seed=0):
     """A random 64 px SAT (frozen timm resnet10t, 4x4 grid, 16-d decoder) and its processor."""
     processor = tiny_processor([CAPTION, "two blue squares", "a green star above a circle"], image_size=64)
     model = tiny_sat_model(
-        processor, seed=seed, backbone="resnet10t", encoder_dim=512, encoder_grid_size=4, attention_dim=16,
-        embed_dim=16, decoder_dim=16, dropout=0.0,
+        processor, seed=seed, backbone="resnet10t", visual_feature_dim=512, encoder_grid_size=4, attention_dim=16,
+        embed_dim=16, d_model=16, dropout=0.0,
     )
     return model, processor
 
@@ -93,23 +94,25 @@ def test_cli_several_images_with_beam_search(model_dir, image_files, tmp_path, c
 
 
 def test_cli_errors(model_dir, image_files, tmp_path, capsys):
+    """Every error is one line on stderr with the exit status of its kind (hfcap.cli.EXIT_CODES)."""
     missing = tmp_path / "missing.png"
-    assert _caption_cli(image_files[0], missing, "--model", model_dir) == 1
+    assert _caption_cli(image_files[0], missing, "--model", model_dir) == 2  # ImageLoadError: an invalid input
     assert f"image file not found: {missing}" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert _caption_cli(corrupt, "--model", model_dir) == 1
+    assert _caption_cli(corrupt, "--model", model_dir) == 2
     assert str(corrupt) in capsys.readouterr().err
     bert = tmp_path / "bert"
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(bert)
-    assert _caption_cli(image_files[0], "--model", bert) == 1
-    assert "holds a 'bert' model, not an hfcap captioning model" in capsys.readouterr().err
+    assert _caption_cli(image_files[0], "--model", bert) == 2
+    assert "holds a 'bert' model, not an hfcap model" in capsys.readouterr().err
     model_only = tmp_path / "model_only"
     load_captioner(model_dir)[0].save_pretrained(model_only)
-    assert _caption_cli(image_files[0], "--model", model_only) == 1
-    assert "has no loadable hfcap processor" in capsys.readouterr().err
-    assert _caption_cli(image_files[0], "--model", tmp_path / "nowhere") == 1
-    assert "is not a saved hfcap model directory" in capsys.readouterr().err
+    assert _caption_cli(image_files[0], "--model", model_only) == 2
+    assert "has no loadable CaptioningProcessor" in capsys.readouterr().err
+    assert _caption_cli(image_files[0], "--model", tmp_path / "nowhere") == 3
+    error = capsys.readouterr().err
+    assert error == f"hfcap caption: error: model directory not found: {tmp_path / 'nowhere'} (--debug shows the traceback)\n"
 
 
 def _assert_teacher_forced_attention(model, pixel_values, token_ids, attentions):
@@ -118,7 +121,7 @@ def _assert_teacher_forced_attention(model, pixel_values, token_ids, attentions)
     decoder_input_ids = torch.tensor([[model.config.decoder_start_token_id] + token_ids[:-1]])
     with torch.no_grad():
         forced = model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids, output_attentions=True)
-    torch.testing.assert_close(attentions, forced.cross_attentions[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(attentions, forced.cross_attentions[0][0, 0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

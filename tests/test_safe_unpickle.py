@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from hfcap.conversion.m2_transformer import CHECKPOINT_ALLOWLIST as M2_CHECKPOINT
+from hfcap.conversion.m2_transformer import VOCABULARY_ALLOWLIST as M2_VOCABULARY
 from hfcap.conversion.safe_unpickle import (
-    M2_CHECKPOINT,
-    M2_VOCABULARY,
-    SHOW_ATTEND_TELL_CHECKPOINT,
     CorruptCheckpointError,
     PickledModule,
     PickledObject,
@@ -24,6 +23,7 @@ from hfcap.conversion.safe_unpickle import (
     load_checkpoint,
     load_pickle,
 )
+from hfcap.conversion.show_attend_tell import CHECKPOINT_ALLOWLIST as SHOW_ATTEND_TELL_CHECKPOINT
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference"
 SAT_B = REFERENCE / "sat" / "small-b"

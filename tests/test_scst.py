@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import TRAIN_CAPTIONS, tiny_sat
 
+from hfcap.generation import eos_mask
 from hfcap.metrics import CiderD
 from hfcap.training.scst import (
     ScstReward,
     compute_advantages,
-    eos_mask,
     scst_loss,
     scst_step,
     sequence_log_probs,

@@ -61,10 +61,10 @@ def test_teacher_forced_logits_alphas_and_losses(case, dtype):
     assert torch.equal(case["decoder_input_ids"][sort_ind], expected["encoded_captions_sorted"][:, :steps])
     real_steps = torch.arange(steps) < expected["decode_lengths"][:, None]
     logits = output.logits[sort_ind][real_steps]
-    alphas = output.cross_attentions[0][sort_ind][real_steps]
+    alphas = output.cross_attentions[0][:, 0][sort_ind][real_steps]
     torch.testing.assert_close(logits, expected["predictions"][real_steps], atol=tolerance(dtype, "logits"), rtol=0)
     torch.testing.assert_close(alphas, expected["alphas"][real_steps], atol=tolerance(dtype, "alphas"), rtol=0)
-    assert output.cross_attentions[0].shape == (case["features"].shape[0], steps, 196)
+    assert output.cross_attentions[0].shape == (case["features"].shape[0], 1, steps, 196)
     for name, value in [
         ("loss_ce", output.loss_ce),
         ("loss_doubly_stochastic", output.loss_doubly_stochastic),
@@ -109,7 +109,7 @@ def test_reference_beam_search_reproduces_caption_py(case, dtype, beam_size):
         )
         # caption.py's alphas start with an all-ones placeholder for <start>; ours start at the first real token.
         expected_alphas = expected[f"beam{beam_size}_alphas_{image}"][1:].flatten(1)
-        alphas = output.cross_attentions[0][image, : len(sequence) - 1]
+        alphas = output.cross_attentions[0][image, 0, : len(sequence) - 1]
         torch.testing.assert_close(alphas, expected_alphas, atol=tolerance(dtype, "alphas"), rtol=0)
 
 

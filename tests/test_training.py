@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from hfcap.training.config import StageConfig, TrainingConfig
-from hfcap.training.trainer import LATEST, STATE_FILE, LRSchedule, latest_checkpoint, most_frequent_caption
+from hfcap.training.checkpoints import LATEST, STATE_FILE, latest_checkpoint
+from hfcap.training.data import most_frequent_caption
+from hfcap.training.trainer import LRSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
@@ -33,8 +35,8 @@ def tiny_config(output_dir, cache_dir, **top) -> dict:
                  "cache_dir": str(cache_dir), "xe_captions": "grouped"},
         "processor": {"image_size": 32, "min_word_frequency": 1, "max_caption_length": 30},
         "model": {"type": "show_attend_tell",
-                  "config": {"backbone": "test_efficientnet", "encoder_dim": 64, "trainable_backbone_layers": 5,
-                             "encoder_grid_size": 2, "attention_dim": 32, "embed_dim": 32, "decoder_dim": 48,
+                  "config": {"backbone": "test_efficientnet", "visual_feature_dim": 64,
+                             "encoder_grid_size": 2, "attention_dim": 32, "embed_dim": 32, "d_model": 48,
                              "dropout": 0.0}},
         "stages": [
             {"name": "xe", "type": "xe", "epochs": 2, "batch_size": 8, "lr": 3e-3, "clip_grad_norm": 5.0},
@@ -135,22 +137,14 @@ def test_bad_overrides_name_the_key(tmp_path, override, message):
         TrainingConfig.load(path, [override])
 
 
-@pytest.mark.parametrize("name, model_type", [("m2_coco.yaml", "m2_transformer"),
-                                              ("expansionnet_v2_coco.yaml", "expansionnet_v2")])
-def test_configs_of_unavailable_models_stop_with_a_clear_message(name, model_type, capsys):
+def test_unknown_model_type_is_reported_before_any_data_is_loaded(tmp_path, capsys):
     from hfcap.cli import main
 
-    assert main(["train", "--config", str(REPO / "examples" / "configs" / name)]) == 2
-    assert f"error: model type '{model_type}' is not available in this hfcap version" in capsys.readouterr().err
-
-
-def test_unavailable_model_type_is_reported_before_any_data_is_loaded(tmp_path):
-    from hfcap.training import train
-
     config = tiny_config(tmp_path / "out", tmp_path / "no-dataset-here")
-    config["model"] = {"type": "m2_transformer", "config": {"d_model": 64}}
-    with pytest.raises(ValueError, match="model type 'm2_transformer' is not available in this hfcap version"):
-        train(TrainingConfig.from_dict(config))
+    config["model"] = {"type": "show_and_tell", "config": {}}
+    code = main(["train", "--config", str(write_config(tmp_path / "c.yaml", config))])
+    assert code == 2
+    assert "unknown architecture 'show_and_tell'; hfcap has: show-attend-tell" in capsys.readouterr().err
     assert not (tmp_path / "no-dataset-here").exists()
 
 
@@ -286,7 +280,7 @@ def test_plateau_decay_and_early_stopping_follow_the_validation_cider(tmp_path, 
 
     config = tiny_config(tmp_path / "out", cache_dir)
     # lr 1e-12 and a backbone without BatchNorm statistics: the validation CIDEr-D never improves after epoch 1
-    config["model"]["config"].update(backbone="test_convnext", trainable_backbone_layers=4)
+    config["model"]["config"].update(backbone="test_convnext")
     config["stages"] = [{"name": "xe", "type": "xe", "epochs": 10, "batch_size": 8, "lr": 1e-12,
                          "schedule": "plateau", "plateau_patience": 1, "plateau_factor": 0.5, "patience": 2}]
     config["test"]["full_metrics"] = False

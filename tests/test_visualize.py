@@ -13,7 +13,8 @@ from PIL import Image
 from hfcap.cli import main
 from hfcap.data import load_scenes
 from hfcap.processing import ImageLoadError
-from hfcap.visualize import attention_from_generate, attention_map, plot_training_curves
+from hfcap.training.curves import plot_training_curves
+from hfcap.visualize import attention_from_generate, attention_map
 
 P = 224
 LABEL = P // 8
@@ -162,11 +163,11 @@ def test_attention_map_of_a_sat_trained_briefly_on_scenes(tmp_path, capsys):
         processor,
         backbone="test_resnet",  # timm's tiny test ResNet, dilated to stride 8: an 8x8 map at 64 px
         backbone_kwargs={"output_stride": 8},
-        encoder_dim=96,
+        visual_feature_dim=96,
         encoder_grid_size=8,
         attention_dim=64,
         embed_dim=64,
-        decoder_dim=64,
+        d_model=64,
         dropout=0.1,
     ).eval()
     with torch.no_grad():  # the backbone is frozen: encode every image once, train the decoder on the features

@@ -2,6 +2,8 @@
 
 The original repositories save whole pickled objects: Show-Attend-Tell pickles its ``nn.Module``s and
 ``torch.optim.Adam`` (``models.DecoderWithAttention`` …), M² pickles numpy RNG state and a ``data.vocab.Vocab``.
+Each converter builds its own :class:`Allowlist` from the building blocks here (``CONTAINERS``, ``TORCH_TENSORS``,
+``NUMPY_ARRAYS``) plus stubs for its authors' classes.
 Loading them with plain ``pickle``/``torch.load(weights_only=False)`` would import the authors' modules and let the
 file call any function.
 Here every pickle global is looked up in an :class:`Allowlist` instead of being imported:
@@ -46,12 +48,9 @@ __all__ = [
     "CheckpointError",
     "CONTAINERS",
     "CorruptCheckpointError",
-    "M2_CHECKPOINT",
-    "M2_VOCABULARY",
     "NUMPY_ARRAYS",
     "PickledModule",
     "PickledObject",
-    "SHOW_ATTEND_TELL_CHECKPOINT",
     "TORCH_TENSORS",
     "UnsafePickleError",
     "load_checkpoint",
@@ -140,11 +139,6 @@ def _numpy_reconstruct(subtype, shape, dtype):
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
-def _default_unk_index() -> int:
-    """M²'s ``data.vocab._default_unk_index``: unknown words map to ``<unk>`` = 0."""
-    return 0
-
-
 @dataclass(frozen=True)
 class Allowlist:
     """The globals a kind of pickle may name, each mapped to what the unpickler returns for it.
@@ -196,53 +190,6 @@ NUMPY_ARRAYS = {
     for name, target in (("_reconstruct", _numpy_reconstruct), ("scalar", _numpy_scalar))
 } | {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
 """numpy arrays, scalars and dtypes (e.g. ``np.random.get_state()`` tuples in M² checkpoints)."""
-
-_TORCH_LAYERS = [
-    "torch.nn.modules.activation.ReLU",
-    "torch.nn.modules.activation.Sigmoid",
-    "torch.nn.modules.activation.Softmax",
-    "torch.nn.modules.batchnorm.BatchNorm2d",
-    "torch.nn.modules.container.Sequential",
-    "torch.nn.modules.conv.Conv2d",
-    "torch.nn.modules.dropout.Dropout",
-    "torch.nn.modules.linear.Linear",
-    "torch.nn.modules.pooling.AdaptiveAvgPool2d",
-    "torch.nn.modules.pooling.MaxPool2d",
-    "torch.nn.modules.rnn.LSTMCell",
-    "torch.nn.modules.sparse.Embedding",
-]
-
-SHOW_ATTEND_TELL_CHECKPOINT = Allowlist.build(
-    "Show-Attend-Tell checkpoint",
-    CONTAINERS,
-    TORCH_TENSORS,
-    # Not needed by the tutorial's files, but safe: another architecture's checkpoint (M² pickles numpy RNG state)
-    # then loads and is reported as "not a Show-Attend-Tell checkpoint" instead of being refused as unsafe.
-    NUMPY_ARRAYS,
-    # torch 0.4 modules carry `_backend`, pickled as a call to this (torch keeps it as a no-op for old pickles).
-    {"torch.nn.backends.thnn._get_thnn_function_backend": lambda: None},
-    modules=[
-        "models.Encoder",
-        "models.DecoderWithAttention",
-        "models.Attention",
-        "torchvision.models.resnet.Bottleneck",
-        *_TORCH_LAYERS,
-    ],
-    objects=["torch.optim.adam.Adam"],
-)
-"""sgrvinod tutorial ``utils.save_checkpoint`` files: pickled Encoder/DecoderWithAttention modules, Adam optimizers."""
-
-M2_CHECKPOINT = Allowlist.build("M2 Transformer checkpoint", CONTAINERS, TORCH_TENSORS, NUMPY_ARRAYS)
-"""meshed-memory-transformer ``train.py`` checkpoints: state dicts, optimizer/scheduler state, RNG states."""
-
-M2_VOCABULARY = Allowlist.build(
-    "M2 Transformer vocabulary",
-    CONTAINERS,
-    {"data.vocab._default_unk_index": _default_unk_index},
-    objects=["data.vocab.Vocab"],
-)
-"""meshed-memory-transformer ``vocab.pkl``: a pickled ``data.vocab.Vocab`` (``itos``, ``stoi``, ``freqs``)."""
-
 
 def _unpickler_module(allowlist: Allowlist) -> types.SimpleNamespace:
     """A ``pickle``-like module (``Unpickler`` + ``load``) whose ``find_class`` only answers from ``allowlist``."""

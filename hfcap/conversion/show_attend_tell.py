@@ -10,7 +10,7 @@ Input (spec show_attend_tell.md §7):
 Output: a ``save_pretrained`` directory of :class:`ShowAttendTellForConditionalGeneration` + ``CaptioningProcessor``
 + ``generation_config.json``. Decoder weights keep their names under ``decoder.``; the ResNet trunk maps onto timm's
 ``resnet101`` under ``encoder.backbone.``. Every size is read from the tensor shapes. A checkpoint without an encoder
-(``encoder=None``) gives a features-only model that takes ``visual_features (B, 196, encoder_dim)``.
+(``encoder=None``) gives a features-only model that takes ``visual_features (B, 196, visual_feature_dim)``.
 Optimizer states and training counters are dropped.
 """
 
@@ -29,7 +29,7 @@ from ..models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForCon
 from ..processing.image_processing import make_image_processor
 from ..processing.processing_captioning import CaptioningProcessor
 from ..processing.tokenization import tokenizer_from_vocabulary
-from .safe_unpickle import SHOW_ATTEND_TELL_CHECKPOINT, CheckpointError, load_checkpoint
+from .safe_unpickle import CONTAINERS, NUMPY_ARRAYS, TORCH_TENSORS, Allowlist, CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,42 @@ no state. Inside the layers torchvision's and timm's Bottleneck names agree (con
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<start>", "eos_token": "<end>", "unk_token": "<unk>"}
 
 OVERRIDES = ("backbone", "image_size", "num_beams", "max_new_tokens")
+READS = "a sgrvinod tutorial checkpoint + WORDMAP json"
+
+TORCH_LAYERS = [
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.activation.Sigmoid",
+    "torch.nn.modules.activation.Softmax",
+    "torch.nn.modules.batchnorm.BatchNorm2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.conv.Conv2d",
+    "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.linear.Linear",
+    "torch.nn.modules.pooling.AdaptiveAvgPool2d",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.rnn.LSTMCell",
+    "torch.nn.modules.sparse.Embedding",
+]
+
+CHECKPOINT_ALLOWLIST = Allowlist.build(
+    "Show-Attend-Tell checkpoint",
+    CONTAINERS,
+    TORCH_TENSORS,
+    # Not needed by the tutorial's files, but safe: another architecture's checkpoint (M² pickles numpy RNG state)
+    # then loads and is reported as "not a Show-Attend-Tell checkpoint" instead of being refused as unsafe.
+    NUMPY_ARRAYS,
+    # torch 0.4 modules carry `_backend`, pickled as a call to this (torch keeps it as a no-op for old pickles).
+    {"torch.nn.backends.thnn._get_thnn_function_backend": lambda: None},
+    modules=[
+        "models.Encoder",
+        "models.DecoderWithAttention",
+        "models.Attention",
+        "torchvision.models.resnet.Bottleneck",
+        *TORCH_LAYERS,
+    ],
+    objects=["torch.optim.adam.Adam"],
+)
+"""sgrvinod tutorial ``utils.save_checkpoint`` files: pickled Encoder/DecoderWithAttention modules, Adam optimizers."""
 
 
 def _not_sat(path, problem: str) -> CheckpointError:
@@ -89,7 +125,7 @@ class TutorialCheckpoint(NamedTuple):
 
 def read_checkpoint(path) -> TutorialCheckpoint:
     """Unpickle the tutorial checkpoint safely and take the decoder's and encoder's state dicts and dropout."""
-    checkpoint = load_checkpoint(path, SHOW_ATTEND_TELL_CHECKPOINT)
+    checkpoint = load_checkpoint(path, CHECKPOINT_ALLOWLIST)
     if not isinstance(checkpoint, dict):
         raise _not_sat(path, f"it holds a {type(checkpoint).__name__}, not the tutorial's checkpoint dict")
     missing = CHECKPOINT_KEYS - set(checkpoint)
@@ -234,11 +270,14 @@ def convert(
         )
     ids = {token: index for index, token in enumerate(tokens)}
     config = ShowAttendTellConfig(
-        **dims,
+        vocab_size=dims["vocab_size"],
+        embed_dim=dims["embed_dim"],
+        attention_dim=dims["attention_dim"],
+        d_model=dims["decoder_dim"],
+        visual_feature_dim=dims["encoder_dim"],
         dropout=dropout,
         backbone=backbone,
         use_backbone=encoder_state is not None,
-        image_size=image_size,
         bos_token_id=ids["<start>"],
         decoder_start_token_id=ids["<start>"],
         eos_token_id=ids["<end>"],

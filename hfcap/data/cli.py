@@ -1,14 +1,29 @@
-"""``hfcap data``: generate the embedded scenes dataset, or inspect a Karpathy / COCO / folder dataset.
+"""``hfcap data``: generate the embedded scenes dataset, or inspect any dataset hfcap loads.
 
     hfcap data scenes --output DIR [--train N --val N --test N --seed S --image-size PX --workers W]
-    hfcap data inspect --karpathy JSON --images-root DIR [--keep-restval]
-    hfcap data inspect --coco ANNOTATIONS_JSON --images-root DIR
-    hfcap data inspect --folder DIR
+    hfcap data inspect [--data scenes|karpathy|coco|folder ...]   (the flags of hfcap.data.sources)
 """
 
+import argparse
 import json
-import sys
 import time
+
+from .sources import add_data_arguments, data_source_from_args, load_data_source
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def configure_parser(parser):
@@ -17,22 +32,16 @@ def configure_parser(parser):
 
     scenes = sub.add_parser("scenes", help="Generate the procedural scenes dataset (PNGs + Karpathy JSON).")
     scenes.add_argument("--output", required=True, help="Output folder.")
-    scenes.add_argument("--train", type=int, default=10000, help="Number of training images (default 10000).")
-    scenes.add_argument("--val", type=int, default=500, help="Number of validation images (default 500).")
-    scenes.add_argument("--test", type=int, default=500, help="Number of test images (default 500).")
+    scenes.add_argument("--train", type=_count(1), default=10000, help="Number of training images (default 10000).")
+    scenes.add_argument("--val", type=_count(0), default=500, help="Number of validation images (default 500).")
+    scenes.add_argument("--test", type=_count(0), default=500, help="Number of test images (default 500).")
     scenes.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives identical files.")
-    scenes.add_argument("--image-size", type=int, default=224, help="Image side in pixels (default 224).")
-    scenes.add_argument("--workers", type=int, default=2, help="Worker processes (default 2).")
+    scenes.add_argument("--image-size", type=_count(16), default=224, help="Image side in pixels (default 224).")
+    scenes.add_argument("--workers", type=_count(1), default=2, help="Worker processes (default 2).")
 
     inspect = sub.add_parser("inspect", help="Load a dataset, validate it, print split sizes and example captions.")
-    source = inspect.add_mutually_exclusive_group(required=True)
-    source.add_argument("--karpathy", metavar="JSON", help="Karpathy dataset_*.json (needs --images-root).")
-    source.add_argument("--coco", metavar="JSON", help="Official COCO captions_*.json (needs --images-root).")
-    source.add_argument("--folder", metavar="DIR", help="Folder with images and metadata.jsonl / metadata.csv.")
-    inspect.add_argument("--images-root", help="Image folder for --karpathy / --coco.")
-    inspect.add_argument("--keep-restval", action="store_true", help="Keep Karpathy's restval as its own split.")
-    inspect.add_argument("--skip-bad-records", action="store_true", help="Drop invalid records instead of failing.")
-    inspect.add_argument("--examples", type=int, default=3, help="Captions to print per split (default 3).")
+    add_data_arguments(inspect, coco_split="an 'all'")
+    inspect.add_argument("--examples", type=_count(0), default=3, help="Captions to print per split (default 3).")
 
 
 def _scenes(args):
@@ -52,22 +61,7 @@ def _scenes(args):
 
 
 def _inspect(args):
-    from .loaders import load_caption_folder, load_coco_captions, load_karpathy
-
-    if (args.karpathy or args.coco) and not args.images_root:
-        print("error: --images-root is required with --karpathy and --coco", file=sys.stderr)
-        return 2
-    try:
-        if args.karpathy:
-            splits = load_karpathy(args.karpathy, args.images_root, merge_restval=not args.keep_restval,
-                                   skip_bad_records=args.skip_bad_records)
-        elif args.coco:
-            splits = {"all": load_coco_captions(args.coco, args.images_root, skip_bad_records=args.skip_bad_records)}
-        else:
-            splits = load_caption_folder(args.folder, skip_bad_records=args.skip_bad_records)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    splits = load_data_source(data_source_from_args(args, coco_split="all"))
     for name, dataset in splits.items():
         captions = dataset["captions"]
         print(f"{name}: {len(dataset)} images, {sum(map(len, captions))} captions")
@@ -77,5 +71,5 @@ def _inspect(args):
 
 
 def run(args):
-    """Dispatch ``hfcap data <scenes|inspect>``; returns the exit status."""
+    """Dispatch ``hfcap data <scenes|inspect>``; errors reach ``hfcap.cli``."""
     return _scenes(args) if args.data_command == "scenes" else _inspect(args)

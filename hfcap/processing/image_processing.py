@@ -1,10 +1,15 @@
-"""Image processor factory: a stock `ViTImageProcessor` (resize, rescale 1/255, normalise), no custom class.
+"""Image processor factory: a stock `ViTImageProcessorPil` (PIL resize, rescale 1/255, normalise), no custom class.
+
+PIL, not transformers' default torchvision backend: the reference implementations resize PIL images with PIL (e.g.
+ExpansionNet v2's torchvision `Resize` on a PIL image), so the PIL backend reproduces their `pixel_values` exactly,
+where the torchvision backend differs by up to one 8-bit level. `CaptioningProcessor.from_pretrained` loads it back
+with the PIL backend.
 
 `load_image` / `ImageLoadError` live in `processing_captioning.py` (which must stay self-contained for Hub remote code)
 and are re-exported here.
 """
 
-from transformers import ViTImageProcessor
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from .processing_captioning import ImageLoadError, load_image
@@ -17,7 +22,7 @@ def make_image_processor(
     resample: str | PILImageResampling = "bilinear",
     image_mean=IMAGENET_DEFAULT_MEAN,
     image_std=IMAGENET_DEFAULT_STD,
-) -> ViTImageProcessor:
+) -> ViTImageProcessorPil:
     """Images -> `pixel_values (B, 3, H, W)` = (resize(image) / 255 - mean) / std, no crop.
 
     Args:
@@ -32,7 +37,7 @@ def make_image_processor(
         except KeyError:
             names = ", ".join(member.name.lower() for member in PILImageResampling)
             raise ValueError(f"unknown resample {resample!r}; expected one of {names}") from None
-    return ViTImageProcessor(
+    return ViTImageProcessorPil(
         do_convert_rgb=True,
         do_resize=True,
         size={"height": height, "width": width},

@@ -10,6 +10,7 @@ Models shift `labels` right with `decoder_start_token_id` (= bos) to get their t
 """
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -28,6 +29,8 @@ class ImageLoadError(ValueError):
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     """RGBA-like image -> RGB composited on white (transparent pixels become white, not the hidden colour)."""
+    if image.mode == "La":  # premultiplied: PIL converts it only to LA (which un-premultiplies it)
+        image = image.convert("LA")
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
@@ -47,6 +50,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageLoadError("float (mode F) image holds NaN or infinite values")
         scale = 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else 1.0
         gray = np.rint(np.clip(values * scale, 0, 255))
         return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
@@ -71,34 +76,60 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     raise ImageLoadError(f"image array has shape {tuple(array.shape)}; expected (H, W), (H, W, 1|3|4)")
 
 
-def load_image(image) -> Image.Image:
+def _open_image_file(path: str, max_pixels: int | None) -> Image.Image:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    except OSError as error:
+        raise ImageLoadError(f"cannot read image file {path}: {error}") from None
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise ImageLoadError(f"not a regular file: {path}")
+    try:
+        with Image.open(path) as opened:
+            _check_size(opened.size, max_pixels, path)
+            opened.load()  # decode now, so truncated files fail here rather than later
+            return _to_rgb(opened)
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"not an image file (or an unsupported format): {path}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"cannot read image file {path} (corrupt, truncated or unreadable): {error}") from None
+
+
+def _check_size(size, max_pixels: int | None, name: str = "image") -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{name} has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLoadError(f"{name} has {width}x{height} pixels, more than max_image_pixels={max_pixels}")
+
+
+def load_image(image, max_pixels: int | None = None) -> Image.Image:
     """Load one image as an 8-bit RGB `PIL.Image`.
 
-    Accepts a path (str / os.PathLike), a PIL image of any mode, a uint8 numpy array (H, W) / (H, W, 1|3|4), or a
-    uint8 torch tensor (C, H, W) with C in 1, 3, 4. Transparency is composited on white. EXIF orientation is not
-    applied: COCO's captions describe the stored pixel orientation, and the reference implementations ignore it.
-    Raises `ImageLoadError` (naming the file) for a missing, unreadable, corrupt or truncated file.
+    Accepts a path (str / os.PathLike) of a regular file, a PIL image of any mode, a uint8 numpy array (H, W) /
+    (H, W, 1|3|4), or a uint8 torch tensor (C, H, W) with C in 1, 3, 4. Transparency is composited on white. EXIF
+    orientation is not applied: COCO's captions describe the stored pixel orientation, and the reference
+    implementations ignore it. Images with more than `max_pixels` pixels are refused (None: no limit beyond PIL's
+    decompression-bomb guard).
+    Raises `ImageLoadError` (naming the file) for a missing, unreadable, corrupt or truncated file, an empty image, a
+    float image with NaN/inf, and `TypeError` for something that is not an image.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with Image.open(path) as opened:
-                opened.load()  # decode now, so truncated files fail here rather than later
-                return _to_rgb(opened)
-        except FileNotFoundError:
-            raise ImageLoadError(f"image file not found: {path}") from None
-        except Image.UnidentifiedImageError:
-            raise ImageLoadError(f"not an image file (or an unsupported format): {path}") from None
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-            raise ImageLoadError(f"cannot read image file {path} (corrupt, truncated or unreadable): {error}") from None
+        return _open_image_file(os.fspath(image), max_pixels)
     if isinstance(image, Image.Image):
+        _check_size(image.size, max_pixels)
         return _to_rgb(image)
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise ImageLoadError(f"image tensor has shape {tuple(image.shape)}; expected (C, H, W), C in 1, 3, 4")
-        return _to_rgb(_array_to_pil(image.detach().cpu().permute(1, 2, 0).numpy()))
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
-        return _to_rgb(_array_to_pil(image))
+        picture = _array_to_pil(image)
+        _check_size(picture.size, max_pixels)
+        return _to_rgb(picture)
     raise TypeError(f"unsupported image type {type(image).__name__}: expected a path, PIL image, array or tensor")
 
 
@@ -106,21 +137,29 @@ class CaptioningProcessor(ProcessorMixin):
     """Image processor + word-level tokenizer for encoder-decoder captioning models.
 
     Args:
-        image_processor: a transformers image processor (e.g. `ViTImageProcessor` with `do_convert_rgb=True`).
+        image_processor: a transformers image processor (e.g. `ViTImageProcessorPil` with `do_convert_rgb=True`).
         tokenizer: a word-level tokenizer with pad/bos/eos/unk tokens set.
         max_caption_length: training captions longer than this many words are truncated (eos is kept after them).
+        max_image_pixels: refuse images with more pixels than this (None: no limit beyond PIL's bomb guard).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, max_caption_length: int = 50, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, max_caption_length: int = 50,
+                 max_image_pixels: int | None = None, **kwargs):
+        for name, value, optional in (("max_caption_length", max_caption_length, False),
+                                      ("max_image_pixels", max_image_pixels, True)):
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer{' or None' if optional else ''}, got {value!r}")
         self.max_caption_length = max_caption_length
+        self.max_image_pixels = max_image_pixels
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`ProcessorMixin.from_pretrained`, except that a local directory lacking any of `PROCESSOR_FILES` (e.g. a
+        """`ProcessorMixin.from_pretrained` with the PIL image backend by default, except that a local directory lacking any of `PROCESSOR_FILES` (e.g. a
         model saved without its processor) raises a FileNotFoundError naming them. Without this check transformers
         asks for a preprocessor_config.json that a CaptioningProcessor never writes, or, without
         tokenizer_config.json, loads a tokenizer that has no pad/bos/eos tokens."""
+        kwargs.setdefault("backend", "pil")  # resize as the reference implementations (see image_processing.py)
         directory = os.fspath(pretrained_model_name_or_path)
         if kwargs.get("subfolder"):
             directory = os.path.join(directory, kwargs["subfolder"])
@@ -157,17 +196,30 @@ class CaptioningProcessor(ProcessorMixin):
         if padding not in (True, "longest"):
             raise ValueError(f"padding={padding!r} is not supported: batches are always padded to the longest")
         single = (str, Image.Image, np.ndarray, torch.Tensor, os.PathLike)
-        inputs = {
-            name: [value] if isinstance(value, single) else list(value)
-            for name, value in (("images", images), ("text", text), ("text_target", text_target))
-            if value is not None
-        }
+        inputs = {}
+        for name, value in (("images", images), ("text", text), ("text_target", text_target)):
+            if value is None:
+                continue
+            if isinstance(value, single):
+                inputs[name] = [value]
+            elif isinstance(value, (dict, set)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"`{name}` must be one item or a sequence of them, got {type(value).__name__}")
+            else:
+                inputs[name] = list(value)
+        for name in ("text", "text_target"):
+            for index, item in enumerate(inputs.get(name, ())):
+                if not isinstance(item, str):
+                    raise TypeError(f"`{name}[{index}]` must be a string, got {type(item).__name__}")
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"`{name}[{index}]` is not valid Unicode text (e.g. a lone surrogate)") from None
         sizes = {name: len(value) for name, value in inputs.items()}
         if len(set(sizes.values())) > 1 or 0 in sizes.values():
             raise ValueError(f"batch sizes differ or are empty: {sizes}")
         data = {}
         if "images" in inputs:
-            images = [load_image(image) for image in inputs["images"]]
+            images = [load_image(image, self.max_image_pixels) for image in inputs["images"]]
             data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
         if "text" in inputs:
             data.update(self._encode_prompts(inputs["text"]))
@@ -210,8 +262,13 @@ class CaptioningProcessor(ProcessorMixin):
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         """Ids (T,) -> caption. With `skip_special_tokens`, stop at the first eos and drop bos, pad and -100
         (so `labels` decode too); unk is kept, as in the reference evaluations. Otherwise decode every id."""
+        if token_ids is None or isinstance(token_ids, (str, bytes)):
+            raise TypeError(f"decode takes a sequence of token ids, got {type(token_ids).__name__}")
         ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
         tokenizer = self.tokenizer
+        outside = [i for i in ids if not isinstance(i, (int, np.integer)) or not (0 <= i < len(tokenizer) or i == -100)]
+        if outside:
+            raise ValueError(f"token ids outside the vocabulary [0, {len(tokenizer)}): {outside[:5]}")
         if skip_special_tokens:
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id)]

@@ -78,6 +78,8 @@ def tokenizer_from_vocabulary(
     """
     vocab = {}
     for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"vocabulary entry {i} must be a non-empty string, got {token!r}")
         if token in vocab:
             raise ValueError(f"duplicate vocabulary token {token!r} at ids {vocab[token]} and {i}")
         vocab[token] = i

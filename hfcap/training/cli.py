@@ -6,13 +6,11 @@ Runs under ``accelerate launch`` for several processes or GPUs, e.g. ``accelerat
 """
 
 import logging
-import sys
 
 
-def configure_parser(parser, default_config=None):
-    """Arguments of ``hfcap train`` (``default_config``: the config used when ``--config`` is not given)."""
-    parser.add_argument("--config", default=default_config, required=default_config is None,
-                        help="YAML/JSON training config" + (f" (default: {default_config})" if default_config else ""))
+def configure_parser(parser):
+    """Arguments of ``hfcap train``."""
+    parser.add_argument("--config", required=True, help="YAML/JSON training config")
     parser.add_argument("--resume", action="store_true",
                         help="Continue the run in output_dir from its latest checkpoint (fresh start if none).")
     parser.add_argument("--output-dir", help="Shortcut for the override output_dir=DIR.")
@@ -22,18 +20,12 @@ def configure_parser(parser, default_config=None):
 
 
 def run(args) -> int:
-    """Load the config (file + overrides), train, evaluate; 2 on a configuration error."""
+    """Load the config (file + overrides), train, evaluate; errors reach ``hfcap.cli``."""
     from .config import TrainingConfig
-    from .trainer import check_model_type, train
+    from .trainer import train
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    try:
-        config = TrainingConfig.load(args.config, overrides)
-        check_model_type(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
+    config = TrainingConfig.load(args.config, overrides)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("hfcap").setLevel(logging.INFO)
     train(config, resume=args.resume)

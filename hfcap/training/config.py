@@ -25,7 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA_SOURCES = ("scenes", "karpathy", "coco", "folder")
+from hfcap.data.sources import DataSource
+
 OPTIMIZERS = ("adam", "adamw", "radam")
 SCHEDULES = ("constant", "noam", "linear", "plateau", "warmup_anneal")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -33,12 +34,10 @@ XE_CAPTIONS = ("pairs", "one_per_image", "grouped")
 
 
 @dataclass
-class DataConfig:
-    """Where the (image, captions) data comes from, and which part of it is used.
+class DataConfig(DataSource):
+    """Where the (image, captions) data comes from (``hfcap.data.sources.DataSource``: ``name`` scenes | karpathy |
+    coco | folder and its settings), and which part of it is used.
 
-    ``name``: ``scenes`` (the embedded procedural dataset, generated into ``cache_dir`` when absent), ``karpathy``
-    (``json_path`` + ``images_root``), ``coco`` (official caption annotations: ``annotations`` and ``images_dir``
-    map each split to a file / folder) or ``folder`` (``root`` with images + metadata.jsonl/csv).
     ``max_*_images`` keep the first N images of a split (``None`` = all). ``xe_captions`` (XE stages):
       - ``pairs``: one row per (image, caption) pair (every caption once per epoch; the M² recipe);
       - ``one_per_image``: one row per image with one of its captions, drawn afresh every epoch (the SAT tutorial
@@ -47,19 +46,6 @@ class DataConfig:
         for each caption (self-critical.pytorch's ``seq_per_img``), so ``batch_size`` counts images.
     """
 
-    name: str = "scenes"
-    num_train: int = 10000
-    num_val: int = 500
-    num_test: int = 500
-    scenes_image_size: int = 224
-    seed: int = 0
-    cache_dir: str | None = None
-    json_path: str | None = None
-    images_root: str | None = None
-    annotations: dict[str, str] = field(default_factory=dict)
-    images_dir: dict[str, str] = field(default_factory=dict)
-    root: str | None = None
-    skip_bad_records: bool = False
     max_train_images: int | None = None
     max_val_images: int | None = None
     max_test_images: int | None = None
@@ -82,8 +68,9 @@ class ProcessorConfig:
 
 @dataclass
 class ModelConfig:
-    """``type`` + ``config`` (keyword arguments of the architecture's config class) builds a new, randomly
-    initialised model; ``init_from`` loads a ``save_pretrained`` directory (e.g. a converted checkpoint) instead."""
+    """``type`` (an architecture of the registry: model type or CLI name) + ``config`` (keyword arguments of its
+    config class) builds a new, randomly initialised model; ``init_from`` loads a ``save_pretrained`` directory (e.g. a
+    converted checkpoint) instead. The vocabulary and special ids always come from the processor."""
 
     type: str = "show_attend_tell"
     config: dict[str, typing.Any] = field(default_factory=dict)
@@ -110,15 +97,17 @@ class StageConfig:
     Clipping: ``clip_grad_norm`` (global norm) or ``clip_grad_value`` (element-wise clamp, the SAT tutorial's ±5).
     ``patience``: stop the stage after that many validations without a better CIDEr-D (``None`` = never).
     ``max_steps`` caps the optimizer steps of the stage (``None`` = ``epochs`` full epochs).
-    ``trainable_backbone_layers``: set the model config's ``trainable_backbone_layers`` (SAT: how many of the
-    backbone's last feature stages train) for this stage; ``None`` keeps the model's setting.
+    ``trainable_backbone_stages``: how many of the backbone's last timm feature stages train in this stage (0 freezes
+    the backbone, the SAT tutorial's fine-tuning is 3; ``None``: all of it; ``hfcap.training.freezing``).
+    ``label_smoothing``: of the XE loss (passed to the model's loss per call, never saved with the model).
     ``init_from_best``: start the stage from the best checkpoint of the previous stage (M²'s switch to SCST).
-    ``cached_features``: train on encoder features computed once at the start of the stage
-    (``hfcap.training.feature_cache``), so the backbone is not trained in that stage.
+    ``cached_features``: train on backbone-stage features (``model.get_image_features``) computed once at the start
+    of the stage (``hfcap.training.feature_cache``): the backbone is frozen, the encoder's layers train as usual.
     SCST only (see ``hfcap.training.scst``): ``baseline`` greedy | mean_of_others | beam_mean, ``num_samples``
     captions per image (samples, or beams for ``beam_mean``), ``include_eos`` (EOS counts as a word in the CIDEr-D
     reward), ``df_mode`` per_image | per_caption (CIDEr-D document frequencies), ``normalisation`` token | sequence |
-    max_length (of the policy-gradient loss), ``max_new_tokens``.
+    max_length (of the policy-gradient loss), ``max_new_tokens``, and the sampling call's extra ``generate_kwargs``
+    (``reference_beam_search: true`` samples with the authors' beam search: M²'s beam SCST).
     """
 
     name: str = "xe"
@@ -146,7 +135,7 @@ class StageConfig:
     label_smoothing: float = 0.0
     patience: int | None = None
     cached_features: bool = False
-    trainable_backbone_layers: int | None = None
+    trainable_backbone_stages: int | None = None
     init_from_best: bool = False
     baseline: str = "mean_of_others"
     num_samples: int = 5
@@ -154,6 +143,8 @@ class StageConfig:
     df_mode: str = "per_image"
     normalisation: str = "token"
     max_new_tokens: int = 20
+    generate_kwargs: dict[str, typing.Any] = field(default_factory=dict)
+    reference_beam_search: bool = False
 
 
 @dataclass
@@ -161,7 +152,9 @@ class EvalConfig:
     """Decoding and subset for an evaluation (validation during training, or the final test).
 
     ``full_metrics`` (test only): the COCO metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE when available; needs
-    Java), or ``False`` for corpus CIDEr-D alone. Validation always uses CIDEr-D alone.
+    Java), or ``False`` for corpus CIDEr-D alone. Validation always uses CIDEr-D alone. ``generate_kwargs``: further
+    ``generate`` arguments (e.g. ``length_penalty``); ``reference_beam_search``: decode with the authors' beam search.
+    The test decoding also becomes the saved model's ``generation_config``.
     """
 
     num_beams: int = 1
@@ -169,6 +162,8 @@ class EvalConfig:
     batch_size: int = 64
     max_images: int | None = None
     full_metrics: bool = True
+    generate_kwargs: dict[str, typing.Any] = field(default_factory=dict)
+    reference_beam_search: bool = False
 
 
 @dataclass
@@ -206,19 +201,22 @@ class TrainingConfig:
         """Raise ``ValueError`` naming the first inconsistent setting."""
         from .scst import BASELINES, DF_MODES, NORMALISATIONS
 
-        _choice("data.name", self.data.name, DATA_SOURCES)
+        from hfcap.models import get_architecture
+
+        self.data.check("data")
         _choice("data.xe_captions", self.data.xe_captions, XE_CAPTIONS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if self.data.name == "karpathy" and not (self.data.json_path and self.data.images_root):
-            raise ValueError("data.name=karpathy needs data.json_path and data.images_root")
         if self.data.name == "coco" and not {"train", "val"} <= set(self.data.annotations):
             raise ValueError("data.name=coco needs data.annotations with at least 'train' and 'val' files")
-        if self.data.name == "coco" and set(self.data.images_dir) != set(self.data.annotations):
-            raise ValueError("data.images_dir must name an image folder for every split in data.annotations")
-        if self.data.name == "folder" and not self.data.root:
-            raise ValueError("data.name=folder needs data.root")
-        if not self.model.init_from and not self.model.type:
-            raise ValueError("model: give either model.type (+ model.config) or model.init_from")
+        for key in ("max_train_images", "max_val_images", "max_test_images"):
+            if getattr(self.data, key) is not None and getattr(self.data, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1 (or null for all), got {getattr(self.data, key)}")
+        if self.processor.image_size < 8 or self.processor.max_caption_length < 1:
+            raise ValueError("processor.image_size must be >= 8 and processor.max_caption_length >= 1")
+        if not self.model.init_from:
+            if not self.model.type:
+                raise ValueError("model: give either model.type (+ model.config) or model.init_from")
+            get_architecture(self.model.type)  # an unknown name is an error naming the known ones
         if not self.stages:
             raise ValueError("stages: at least one training stage is needed")
         names = [stage.name for stage in self.stages]
@@ -250,6 +248,14 @@ class TrainingConfig:
                 raise ValueError(f"{where}: the mean_of_others baseline needs num_samples >= 2")
             if stage.type == "scst" and stage.label_smoothing:
                 raise ValueError(f"{where}: label_smoothing applies to xe stages only")
+            if stage.trainable_backbone_stages is not None and stage.trainable_backbone_stages < 0:
+                raise ValueError(f"{where}.trainable_backbone_stages must be >= 0 (or null for all)")
+        for where, settings in (("validation", self.validation), ("test", self.test)):
+            for key in ("num_beams", "max_new_tokens", "batch_size"):
+                if getattr(settings, key) < 1:
+                    raise ValueError(f"{where}.{key} must be >= 1, got {getattr(settings, key)}")
+            if settings.max_images is not None and settings.max_images < 1:
+                raise ValueError(f"{where}.max_images must be >= 1 (or null for all), got {settings.max_images}")
         for key in ("save_every_steps", "validate_every_steps", "log_every_steps", "max_checkpoints"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

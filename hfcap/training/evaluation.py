@@ -4,7 +4,8 @@ API
 ---
 ``generate_captions(model, processor, dataset, *, accelerator=None, batch_size=32, generate_kwargs=None)
 -> dict[int, str]``
-    ``image_id -> caption`` for every row of ``dataset`` (columns ``image``, ``image_id``), in dataset order. With an
+    ``image_id -> caption`` for every row of ``dataset`` (columns ``image`` or ``visual_features``, ``image_id``), in
+    dataset order. With an
     ``accelerator`` each process captions its shard; sequences are padded across processes and gathered with
     ``gather_for_metrics`` (which drops the duplicates of the uneven last batch), so every process returns the full,
     duplicate-free dict. ``model`` may be wrapped (DDP); ``generate`` runs on the unwrapped model in eval mode.
@@ -22,33 +23,24 @@ output_dir=None, split="test", full_metrics=True) -> dict[str, float]``
 ``generate_kwargs`` go to ``model.generate`` unchanged (``num_beams``, ``max_new_tokens``, ``custom_generate=
 hfcap.reference_beam_search`` for the authors' beam search, ...); unset ones come from the model's generation_config.
 
-CLI (configure_parser / run): ``hfcap evaluate --model DIR --data scenes|karpathy|coco|folder --split test
---output DIR [--karpathy-json JSON --images-root DIR | --coco-annotations JSON --images-root DIR | --folder DIR]
-[--num-beams K] [--max-new-tokens N] [--reference-beam-search] [--batch-size B] [--max-images N] [--cider-only]``.
+CLI (configure_parser / run): ``hfcap evaluate --model DIR --split test --output DIR [data flags: --data
+scenes|karpathy|coco|folder --karpathy-json JSON --images-root DIR | --coco-annotations JSON --images-root DIR |
+--folder DIR (hfcap.data.sources)] [--num-beams K] [--max-new-tokens N] [--reference-beam-search] [--batch-size B]
+[--max-images N] [--cider-only]``.
 Runs distributed under ``accelerate launch -m hfcap.cli evaluate ...``.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from .scst import eos_mask
+from hfcap.generation import eos_mask
+
+from .data import make_collate
 
 PROTOCOLS = {True: "coco", False: "cider-d-only"}
 """``full_metrics`` -> the ``protocol`` recorded in metrics.json."""
-
-
-def image_collate_fn(processor):
-    """DataLoader ``collate_fn``: rows with ``image``, ``image_id`` ->
-    ``{"pixel_values": (b, 3, H, W), "image_id": (b,)}``."""
-
-    def collate(rows):
-        pixel_values = processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "image_id": torch.tensor([row["image_id"] for row in rows])}
-
-    return collate
 
 
 def generate_captions(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
@@ -63,8 +55,10 @@ def generate_captions(model, processor, dataset, *, accelerator=None, batch_size
     if len(set(image_ids)) != len(image_ids):
         raise ValueError(f"the dataset has {len(image_ids) - len(set(image_ids))} duplicate image_id values; "
                          "COCO results need one caption per image id")
-    loader = torch.utils.data.DataLoader(dataset.select_columns(["image", "image_id"]), batch_size=batch_size,
-                                         shuffle=False, collate_fn=image_collate_fn(processor))
+    columns = [name for name in ("image", "visual_features", "visual_attention_mask", "image_id")
+               if name in dataset.column_names]
+    loader = torch.utils.data.DataLoader(dataset.select_columns(columns), batch_size=batch_size,
+                                         shuffle=False, collate_fn=make_collate(processor, "evaluation"))
     if accelerator is not None:
         from accelerate.data_loader import prepare_data_loader
 
@@ -80,9 +74,9 @@ def generate_captions(model, processor, dataset, *, accelerator=None, batch_size
     show = accelerator is None or accelerator.is_local_main_process
     try:
         for batch in tqdm(loader, desc="Captioning", unit="batch", disable=not show):
-            pixel_values = batch["pixel_values"].to(model.device)
+            inputs = {name: value.to(model.device) for name, value in batch.items() if name != "image_id"}
             with torch.no_grad():
-                output = model.generate(pixel_values=pixel_values, **generate_kwargs)
+                output = model.generate(**inputs, **generate_kwargs)
             sequences = output if torch.is_tensor(output) else output.sequences  # (b, L), starting with bos
             keep, _ = eos_mask(sequences, eos)
             sequences = sequences.masked_fill(~keep, pad)
@@ -156,54 +150,35 @@ def write_results(output_dir, split: str, predictions: dict[int, str], metrics: 
 
 def configure_parser(parser):
     """Arguments of ``hfcap evaluate``."""
+    from hfcap.data.sources import add_data_arguments
+    from hfcap.generation import add_generation_arguments
+
     parser.add_argument("--model", required=True, help="A save_pretrained directory (model + processor).")
-    parser.add_argument("--data", choices=("scenes", "karpathy", "coco", "folder"), default="scenes",
-                        help="Dataset kind (default: scenes).")
-    parser.add_argument("--split", default="test", help="Split to evaluate (default: test; ignored for --data coco).")
+    parser.add_argument("--split", default="test", help="Split to evaluate (default: test).")
     parser.add_argument("--output", required=True, help="Folder for metrics.json, metrics.md and the results file.")
-    parser.add_argument("--karpathy-json", help="Karpathy dataset_*.json (--data karpathy).")
-    parser.add_argument("--coco-annotations", help="Official COCO captions_*.json (--data coco).")
-    parser.add_argument("--images-root", help="Image folder (--data karpathy / coco).")
-    parser.add_argument("--folder", help="Folder with images + metadata.jsonl / metadata.csv (--data folder).")
-    parser.add_argument("--scenes-dir", help="Cache folder of the scenes dataset (default: $HFCAP_CACHE).")
-    parser.add_argument("--scenes-sizes", type=int, nargs=3, default=(10000, 500, 500),
-                        metavar=("TRAIN", "VAL", "TEST"),
-                        help="Scenes split sizes the model was trained with (default: 10000 500 500).")
-    parser.add_argument("--scenes-image-size", type=int, default=224, help="Scenes image side (default: 224).")
-    parser.add_argument("--scenes-seed", type=int, default=0, help="Scenes seed (default: 0).")
-    parser.add_argument("--num-beams", type=int, help="Beam size (default: the model's generation_config).")
-    parser.add_argument("--max-new-tokens", type=int,
-                        help="Maximum caption length in tokens (default: the model's generation_config).")
-    parser.add_argument("--reference-beam-search", action="store_true",
-                        help="Decode with the authors' beam search (custom_generate=hfcap.reference_beam_search).")
-    parser.add_argument("--batch-size", type=int, default=32,
+    add_data_arguments(parser)
+    add_generation_arguments(parser)
+    parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="Images per generate call and process (default: 32).")
-    parser.add_argument("--max-images", type=int, help="Evaluate only the first N images of the split.")
+    parser.add_argument("--max-images", type=_positive_int, help="Evaluate only the first N images of the split.")
     parser.add_argument("--cider-only", action="store_true",
                         help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer); metrics.json records "
                              "protocol 'cider-d-only' instead of 'coco'.")
 
 
+def _positive_int(text: str) -> int:
+    from argparse import ArgumentTypeError
+
+    if not text.isdigit() or int(text) < 1:
+        raise ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def load_evaluation_split(args):
     """The ``datasets.Dataset`` that ``hfcap evaluate`` scores; ValueError when the arguments are incomplete."""
-    from hfcap import data
+    from hfcap.data.sources import data_source_from_args, load_data_source
 
-    if args.data == "karpathy":
-        if not (args.karpathy_json and args.images_root):
-            raise ValueError("--data karpathy needs --karpathy-json and --images-root")
-        splits = data.load_karpathy(args.karpathy_json, args.images_root)
-    elif args.data == "coco":
-        if not (args.coco_annotations and args.images_root):
-            raise ValueError("--data coco needs --coco-annotations and --images-root")
-        splits = {args.split: data.load_coco_captions(args.coco_annotations, args.images_root)}
-    elif args.data == "folder":
-        if not args.folder:
-            raise ValueError("--data folder needs --folder")
-        splits = data.load_caption_folder(args.folder)
-    else:
-        num_train, num_val, num_test = args.scenes_sizes
-        splits = data.load_scenes(args.scenes_dir, num_train=num_train, num_val=num_val, num_test=num_test,
-                                  seed=args.scenes_seed, image_size=args.scenes_image_size)
+    splits = load_data_source(data_source_from_args(args, coco_split=args.split))
     if args.split not in splits:
         raise ValueError(f"split {args.split!r} not found; the dataset has {sorted(splits)}")
     dataset = splits[args.split]
@@ -217,32 +192,17 @@ def load_evaluation_split(args):
 def run(args) -> int:
     """``hfcap evaluate``: caption a split, print the metrics table, write the three result files."""
     from accelerate import Accelerator
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import hfcap
+    from hfcap.generation import generate_kwargs_from_args
+    from hfcap.loading import load_captioner
     from hfcap.metrics import format_metrics_table
 
-    if not Path(args.model, "config.json").is_file():
-        print(f"error: --model {args.model} is not a saved model directory (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        dataset = load_evaluation_split(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     accelerator = Accelerator()
-    model = AutoModelForImageTextToText.from_pretrained(args.model).to(accelerator.device)
-    processor = AutoProcessor.from_pretrained(args.model)
-    generate_kwargs = {}
-    if args.num_beams is not None:
-        generate_kwargs["num_beams"] = args.num_beams
-    if args.max_new_tokens is not None:
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.reference_beam_search:
-        generate_kwargs["custom_generate"] = hfcap.reference_beam_search
+    model, processor = load_captioner(args.model, device=accelerator.device)
+    dataset = load_evaluation_split(args)
     metrics = evaluate_captioner(model, processor, dataset, accelerator=accelerator, batch_size=args.batch_size,
-                                 generate_kwargs=generate_kwargs, output_dir=args.output, split=args.split,
-                                 full_metrics=not args.cider_only)
+                                 generate_kwargs=generate_kwargs_from_args(args), output_dir=args.output,
+                                 split=args.split, full_metrics=not args.cider_only)
     if accelerator.is_main_process:
         print(format_metrics_table({args.split: metrics}))
         print(f"Wrote metrics.json, metrics.md and captions_{args.split}_results.json to {args.output}")

@@ -1,21 +1,20 @@
-"""Visual features computed once by a frozen backbone, for training the captioning body without re-running the CNN.
+"""Visual features computed once by a frozen backbone, for training the captioning body without re-running it.
 
-ExpansionNet v2's stages 1 and 4 ("feature generation with the frozen Swin") done the hfcap way: the backbone runs
-once over the dataset in eval mode, the features are stored as safetensors shards keyed by ``image_id``, and training
-then feeds them to the model as ``visual_features``. The same model keeps working from pixels afterwards (its backbone
-weights are untouched), so a run can go on end to end.
+ExpansionNet v2's stages 1 and 4 ("feature generation with the frozen Swin") done the hfcap way: the backbone stage
+(`model.get_image_features`, the model contract's stage before the encoder) runs once over the dataset in eval mode,
+the features are stored as safetensors shards keyed by ``image_id``, and training then feeds them to the model as
+``visual_features``, which go through the encoder's trainable layers as pixels would. The same model keeps working
+from pixels afterwards (its backbone weights are untouched), so a run can go on end to end.
 
 API
 ---
 ``cache_visual_features(model, processor, dataset, output_dir, *, batch_size=32, dtype=torch.float32,
 shard_size=4096) -> Path``
-    Runs ``model.get_encoder()(pixel_values=...)`` under ``no_grad`` in eval mode over every row of ``dataset``
+    Runs ``model.get_image_features(pixel_values)`` under ``no_grad`` in eval mode over every row of ``dataset``
     (columns ``image``, ``image_id``) and writes ``output_dir/features-XXXXX.safetensors`` (tensors
     ``visual_features (n, N, D)`` in ``dtype`` and ``image_id (n,)``) plus ``output_dir/features.json`` (the index,
     written last: a folder without it is an unfinished cache). Returns ``output_dir``. Single process: under
     ``accelerate launch`` call it on the main process and let the others ``wait_for_everyone``.
-    Requires that the encoder passes ``visual_features`` through unchanged (SAT: the annotation vectors *are* the
-    encoder output); an encoder that transforms them would have trainable layers skipped, so that is an error.
 ``CachedFeatureDataset(features_dir, dataset=None, *, dtype=torch.float32)``  (a ``torch.utils.data.Dataset``)
     Without ``dataset``: item i = ``{"image_id": int, "visual_features": (N, D)}`` in cache order. With a
     ``datasets.Dataset`` (e.g. the train split, possibly selected/shuffled/expanded to one row per caption): item i =
@@ -33,11 +32,11 @@ INDEX_NAME = "features.json"
 
 def cache_visual_features(model, processor, dataset, output_dir, *, batch_size: int = 32,
                           dtype: torch.dtype = torch.float32, shard_size: int = 4096) -> Path:
-    """Compute the encoder features of every image of ``dataset`` once and store them; see the module doc."""
+    """Compute the backbone-stage features of every image of ``dataset`` once and store them; see the module doc."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .evaluation import image_collate_fn
+    from .data import make_collate
 
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
@@ -49,8 +48,7 @@ def cache_visual_features(model, processor, dataset, output_dir, *, batch_size: 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / INDEX_NAME).unlink(missing_ok=True)
     loader = torch.utils.data.DataLoader(dataset.select_columns(["image", "image_id"]), batch_size=batch_size,
-                                         shuffle=False, collate_fn=image_collate_fn(processor))
-    encoder = model.get_encoder()
+                                         shuffle=False, collate_fn=make_collate(processor, "evaluation"))
     was_training = model.training
     model.eval()
     shards, pending, pending_ids = [], [], []
@@ -66,9 +64,7 @@ def cache_visual_features(model, processor, dataset, output_dir, *, batch_size: 
     try:
         with torch.no_grad():
             for batch in tqdm(loader, desc="Caching visual features", unit="batch"):
-                features = encoder(pixel_values=batch["pixel_values"].to(model.device)).last_hidden_state  # (b, N, D)
-                if not shards and not pending:
-                    _check_pass_through(encoder, features)
+                features = model.get_image_features(batch["pixel_values"].to(model.device, model.dtype))  # (b, N, D)
                 pending.append(features.to("cpu", dtype))
                 pending_ids.append(batch["image_id"])
                 if sum(len(ids) for ids in pending_ids) >= shard_size:
@@ -82,14 +78,6 @@ def cache_visual_features(model, processor, dataset, output_dir, *, batch_size: 
              "dtype": str(dtype).removeprefix("torch."), "model": getattr(model, "name_or_path", ""), "shards": shards}
     (output_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return output_dir
-
-
-def _check_pass_through(encoder, features):
-    """Cached features replay as ``visual_features``: the encoder must hand those back unchanged."""
-    replayed = encoder(visual_features=features).last_hidden_state
-    if replayed.shape != features.shape or not torch.equal(replayed, features):
-        raise ValueError(f"{type(encoder).__name__} transforms visual_features, so its output cannot be cached as "
-                         "visual_features (the transformation has trainable layers); cache the backbone output instead")
 
 
 class CachedFeatureDataset(torch.utils.data.Dataset):

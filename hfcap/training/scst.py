@@ -12,8 +12,6 @@ API (what the trainer calls)
     ``baseline`` in ``BASELINES`` = ``"greedy"`` | ``"mean_of_others"`` | ``"beam_mean"``.
 ``scst_loss(token_logprobs (N, T), mask (N, T), advantages (N,), normalisation="token", max_length=None) -> scalar``
     ``normalisation`` in ``NORMALISATIONS`` = ``"token"`` | ``"sequence"`` | ``"max_length"``.
-``eos_mask(tokens (N, T), eos_token_id) -> (mask (N, T) bool, finished (N,) bool)``
-    mask = tokens up to and including the first EOS.
 ``sequence_log_probs(model, encoder_outputs, sequences (N, T)) -> (N, T-1)``: teacher-forced, differentiable log-probs.
 ``scst_step(model, inputs, image_indices, reward, *, processor, accelerator=None, num_samples=5,
 baseline="mean_of_others", max_new_tokens=20, normalisation="token", generate_kwargs=None) -> (loss, stats)``
@@ -58,6 +56,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+from hfcap.generation import eos_mask
 
 BASELINES = ("greedy", "mean_of_others", "beam_mean")
 NORMALISATIONS = ("token", "sequence", "max_length")
@@ -192,14 +192,6 @@ def scst_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, advantages: torc
             raise ValueError("normalisation='max_length' needs max_length (M2: 20)")
         return weighted.sum(1).mean() / max_length
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
-
-
-def eos_mask(tokens: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, finished) for (N, T) generated tokens: mask (N, T) is True up to and including the first EOS,
-    finished (N,) is True where an EOS occurs."""
-    is_eos = tokens == eos_token_id
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()
-    return eos_before == 0, is_eos.any(1)
 
 
 def sequence_log_probs(model, encoder_outputs, sequences: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """The hfcap trainer: cross-entropy (XE) then self-critical (SCST) stages on 🤗 Accelerate, then the test evaluation.
 
-One loop for every setting (1 CPU process, N CPU processes, N GPUs with DDP; fp32/bf16/fp16), written out nanoGPT-style:
+One loop for every setting (1 CPU process, N CPU processes, N GPUs with DDP; fp32/bf16/fp16) and every architecture
+of the registry, written out nanoGPT-style; its data lives in ``training.data``, its checkpoint I/O in
+``training.checkpoints``, its policy in the stage config (which backbone stages train: ``training.freezing``; label
+smoothing: passed to the loss per call; decoding: each stage's and evaluation's ``generate_kwargs``)::
 
     for stage in config.stages:                   # e.g. [xe, scst]
-        prepare(model, optimizer, train loader)   # a fresh optimizer/schedule per stage
+        freeze backbone stages, prepare(model, optimizer, train loader)   # a fresh optimizer/schedule per stage
         for epoch, batch:                          # resumable mid-epoch (skip_first_batches)
             loss = XE loss | SCST loss             # hfcap.training.scst for the latter
             backward, clip, step, schedule
@@ -16,26 +19,23 @@ Output directory::
     config.yaml            the resolved configuration
     log.jsonl              one JSON record per logged step/validation (also sent to TensorBoard under logs/)
     checkpoints/<name>/    accelerate save_state + trainer_state.json; checkpoints/latest names the newest
+    features/<stage>/      backbone features cached for a ``cached_features`` stage
     best/<stage>/          save_pretrained of the best model of each stage (by validation CIDEr-D) + validation.json
-    model/                 the final model (best of the last stage): model, processor, generation config
+    model/                 the final model (best of the last stage): model, processor, generation config, provenance
     test/<stage>/          metrics.json, metrics.md, captions_test_results.json of each stage's best model
     metrics.json           the final model's test summary (as `hfcap evaluate` writes it) + "table": all rows
     metrics.md             the test table: trivial baseline, then the best model of each stage
     training_curves.png, attention/*.png
 
-Checkpoints are written to ``checkpoints/.tmp-<name>`` and renamed when complete, and ``latest`` is replaced
-atomically afterwards, so a crash while saving never leaves a broken ``latest``. ``resume=True`` restores the
-model, optimizer, schedule, RNG states, stage, epoch, step and data position of the checkpoint ``latest`` names.
+``resume=True`` restores the model, optimizer, schedule, RNG states, stage, epoch, step and data position of the
+checkpoint ``checkpoints/latest`` names.
 """
 
 import json
 import math
 import os
-import random
 import shutil
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,13 +44,31 @@ from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker, on_main_process
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
+from hfcap.loading import load_captioner
+
+from .checkpoints import (
+    CHECKPOINTS,
+    TrainerState,
+    latest_checkpoint,
+    save_checkpoint,
+    save_model_directory,
+    write_atomically,
+)
 from .config import StageConfig, TrainingConfig
+from .data import (
+    Indexed,
+    OneCaptionPerImage,
+    build_processor,
+    caption_pairs,
+    load_splits,
+    make_collate,
+    most_frequent_caption,
+)
+from .freezing import freeze_backbone
 
 logger = get_logger(__name__, log_level="INFO")
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
+VISUAL_INPUTS = ("pixel_values", "visual_features", "visual_attention_mask")
 
 
 class JsonlTracker(GeneralTracker):
@@ -76,33 +94,6 @@ class JsonlTracker(GeneralTracker):
         record = {"step": step, "time": round(time.time(), 2), **values}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-@dataclass
-class TrainerState:
-    """Where training stands; saved as ``trainer_state.json`` in every checkpoint.
-
-    ``step`` counts optimizer steps within the current stage, ``global_step`` across stages (the x axis of the
-    logs); ``batches_done`` counts the micro-batches of the current epoch already consumed (the resume position).
-    ``best_metric``/``bad_validations`` drive best-model selection, plateau decay and early stopping;
-    ``plateau_scale`` is the learning-rate factor the plateau schedule has reached.
-    """
-
-    stage_index: int = 0
-    stage_done: bool = False
-    epoch: int = 0
-    batches_done: int = 0
-    step: int = 0
-    global_step: int = 0
-    best_metric: float = -math.inf
-    bad_validations: int = 0
-    last_validation_step: int = -1
-    plateau_scale: float = 1.0
-
-    def start_stage(self, index: int):
-        """Reset the per-stage counters for stage ``index``."""
-        self.stage_index, self.stage_done, self.epoch, self.batches_done, self.step = index, False, 0, 0, 0
-        self.best_metric, self.bad_validations, self.last_validation_step, self.plateau_scale = -math.inf, 0, -1, 1.0
 
 
 class LRSchedule:
@@ -132,172 +123,42 @@ class LRSchedule:
         return warmup * self.plateau_scale  # constant, plateau
 
 
-# ----------------------------------------------------------------------------------------------------------- data
+def generate_kwargs_of(settings, *, for_generation_config: bool = False) -> dict:
+    """``model.generate`` keyword arguments of a stage or evaluation config: its ``generate_kwargs`` plus, for an
+    evaluation, ``num_beams``/``max_new_tokens``/``do_sample=False``, and the authors' beam search when
+    ``reference_beam_search`` (not a generation_config value: left out ``for_generation_config``)."""
+    from hfcap.generation import reference_beam_search
 
-
-def load_splits(config: TrainingConfig):
-    """The ``DatasetDict`` (train, val[, test]) named by ``config.data``, cut to the ``max_*_images`` limits."""
-    from datasets import DatasetDict
-
-    from hfcap import data as hdata
-
-    data = config.data
-    if data.name == "scenes":
-        splits = hdata.load_scenes(data.cache_dir, num_train=data.num_train, num_val=data.num_val,
-                                   num_test=data.num_test, seed=data.seed, image_size=data.scenes_image_size)
-    elif data.name == "karpathy":
-        splits = hdata.load_karpathy(data.json_path, data.images_root, skip_bad_records=data.skip_bad_records)
-    elif data.name == "coco":
-        splits = DatasetDict({split: hdata.load_coco_captions(path, data.images_dir[split],
-                                                              skip_bad_records=data.skip_bad_records)
-                              for split, path in data.annotations.items()})
-    else:
-        splits = hdata.load_caption_folder(data.root, skip_bad_records=data.skip_bad_records)
-    for split in ("train", "val"):
-        if split not in splits or len(splits[split]) == 0:
-            raise ValueError(f"the {data.name} dataset has no (or an empty) {split!r} split; "
-                             f"splits: {dict(splits.num_rows)}")
-    limits = {"train": data.max_train_images, "val": data.max_val_images, "test": data.max_test_images}
-    return DatasetDict({name: split.select(range(min(limits[name], len(split))))
-                        if limits.get(name) is not None else split
-                        for name, split in splits.items() if name in limits})
-
-
-def build_processor(config: TrainingConfig, train_split):
-    """The processor of ``model.init_from`` if it has one, else a new one with a vocabulary from the train captions."""
-    from hfcap.processing import CaptioningProcessor, build_word_level_tokenizer, make_image_processor
-
-    if config.model.init_from and (Path(config.model.init_from) / "processor_config.json").is_file():
-        return CaptioningProcessor.from_pretrained(config.model.init_from)
-    captions = [caption for captions in train_split["captions"] for caption in captions]
-    tokenizer = build_word_level_tokenizer(captions, min_frequency=config.processor.min_word_frequency)
-    image_processor = make_image_processor(config.processor.image_size, resample=config.processor.resample)
-    return CaptioningProcessor(image_processor, tokenizer, max_caption_length=config.processor.max_caption_length)
-
-
-def caption_pairs(split):
-    """One row per (image, caption) pair, via a batched ``map`` that never decodes the images (hf_stack §7)."""
-    from datasets import Image
-
-    def expand(batch):
-        counts = [len(captions) for captions in batch["captions"]]
-        return {"image": [image for image, n in zip(batch["image"], counts) for _ in range(n)],
-                "image_id": [image_id for image_id, n in zip(batch["image_id"], counts) for _ in range(n)],
-                "caption": [caption for captions in batch["captions"] for caption in captions]}
-
-    pairs = split.cast_column("image", Image(decode=False)).map(
-        expand, batched=True, remove_columns=split.column_names, desc="Expanding (image, caption) pairs")
-    return pairs.cast_column("image", Image())
-
-
-class OneCaptionPerImage(torch.utils.data.Dataset):
-    """Each row (image) once per epoch with one of its ``captions`` as ``caption``, drawn from (seed, epoch, index):
-    the same on every process and after a resume; the trainer calls ``set_epoch``."""
-
-    def __init__(self, rows, seed: int):
-        self.rows, self.seed, self.epoch = rows, seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        row = dict(self.rows[index])
-        captions = row.pop("captions")
-        return {**row, "caption": random.Random(f"{self.seed}-{self.epoch}-{index}").choice(captions)}
-
-
-class Indexed(torch.utils.data.Dataset):
-    """Rows plus ``index``, their position (= the training-image index of the SCST reward's references)."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return {**self.rows[index], "index": index}
-
-
-def make_collate(processor, kind: str):
-    """``collate_fn`` of the training loaders.
-
-    ``pairs``: rows (image|visual_features, caption) → pixel_values|visual_features, labels.
-    ``grouped``: rows (image|visual_features, captions) → one image per row plus ``caption_counts`` (B,) and the
-    labels of all captions (Σ counts rows): the image is encoded once and its features repeated per caption.
-    ``images``: rows (image|visual_features, index) → pixel_values|visual_features, image_index (SCST).
-    """
-
-    def visual(rows):
-        if "visual_features" in rows[0]:
-            return {"visual_features": torch.stack([row["visual_features"] for row in rows])}
-        return {"pixel_values": processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]}
-
-    def collate(rows):
-        batch = visual(rows)
-        if kind == "pairs":
-            batch["labels"] = processor(text_target=[row["caption"] for row in rows], return_tensors="pt")["labels"]
-        elif kind == "grouped":
-            captions = [caption for row in rows for caption in row["captions"]]
-            batch["labels"] = processor(text_target=captions, return_tensors="pt")["labels"]
-            batch["caption_counts"] = torch.tensor([len(row["captions"]) for row in rows])
-        else:
-            batch["image_index"] = torch.tensor([row["index"] for row in rows])
-        return batch
-
-    return collate
-
-
-def most_frequent_caption(split) -> str:
-    """The most frequent training caption (after lowercasing and whitespace normalisation): the trivial baseline."""
-    counts = Counter(" ".join(caption.lower().split()) for captions in split["captions"] for caption in captions)
-    return counts.most_common(1)[0][0]
-
-
-# ---------------------------------------------------------------------------------------------------------- model
-
-
-def check_model_type(config: TrainingConfig):
-    """Raise ``ValueError`` early when ``model.type`` names an architecture this hfcap version does not have."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    import hfcap  # noqa: F401  (registers the hfcap architectures with the Auto classes)
-
-    if not config.model.init_from and config.model.type not in CONFIG_MAPPING:
-        available = sorted(config_class.model_type for config_class in hfcap.MODELS)
-        raise ValueError(f"model type {config.model.type!r} is not available in this hfcap version (available: "
-                         f"{', '.join(available)})")
+    kwargs = dict(settings.generate_kwargs)
+    if hasattr(settings, "num_beams"):
+        kwargs.update(num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens, do_sample=False)
+    if settings.reference_beam_search and not for_generation_config:
+        kwargs["custom_generate"] = reference_beam_search
+    return kwargs
 
 
 def build_model(config: TrainingConfig, processor):
-    """A new model from ``model.type``/``model.config`` (special ids and vocabulary from ``processor``), or the
-    ``save_pretrained`` model of ``model.init_from``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    """A new model of ``model.type`` (registry name) from ``model.config`` with the vocabulary and special ids of
+    ``processor``, or the ``save_pretrained`` model of ``model.init_from`` (through hfcap's one loader)."""
+    from hfcap.errors import configuration_errors
+    from hfcap.models import get_architecture
 
-    check_model_type(config)
     if config.model.init_from:
-        if not (Path(config.model.init_from) / "config.json").is_file():
-            raise FileNotFoundError(f"model.init_from={config.model.init_from} is not a save_pretrained directory "
-                                    "(no config.json)")
-        model = AutoModelForImageTextToText.from_pretrained(config.model.init_from)
-        if model.config.vocab_size < len(processor.tokenizer):
+        model, saved_processor = load_captioner(config.model.init_from)
+        if len(processor.tokenizer) > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(processor.tokenizer)} tokens but the model of "
                              f"{config.model.init_from} only {model.config.vocab_size}")
         return model
+    architecture = get_architecture(config.model.type)
     tokenizer = processor.tokenizer
     kwargs = dict(config.model.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   decoder_start_token_id=tokenizer.bos_token_id)
     try:
-        model_config = AutoConfig.for_model(config.model.type, **kwargs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"model.config is not valid for {config.model.type}: {error}") from None
-    if hasattr(model_config, "image_size"):
-        model_config.image_size = config.processor.image_size
-    return AutoModelForImageTextToText.from_config(model_config)
+        with configuration_errors(f"model.config of {architecture.model_type}"):
+            return architecture.model_class(architecture.config_class(**kwargs))
+    except TypeError as error:
+        raise ValueError(f"model.config is not valid for {architecture.model_type}: {error}") from None
 
 
 def build_optimizer(model, stage: StageConfig):
@@ -310,31 +171,6 @@ def build_optimizer(model, stage: StageConfig):
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
     return optimizers[stage.optimizer](groups, lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps,
                            weight_decay=stage.weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(output_dir) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names, or None when there is none; an error if it is incomplete."""
-    root = Path(output_dir) / CHECKPOINTS
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    checkpoint = root / pointer.read_text(encoding="utf-8").strip()
-    if not (checkpoint / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {checkpoint}, which is missing or incomplete (no {STATE_FILE})")
-    return checkpoint
-
-
-def _write_atomically(path: Path, text: str):
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (readers see old or new, never half)."""
-    temporary = path.with_name(f".tmp-{path.name}")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 # -------------------------------------------------------------------------------------------------------- trainer
@@ -378,14 +214,13 @@ class Trainer:
         """Train every stage, then evaluate on the test split; returns the test metrics table as a dict."""
         acc, config = self.accelerator, self.config
         start = time.perf_counter()
-        check_model_type(config)
         checkpoint = self._prepare_output_dir()
         with acc.main_process_first():
             self.splits = load_splits(config)
         self.processor = build_processor(config, self.splits["train"])
         self.model = build_model(config, self.processor)
-        self.model.generation_config.num_beams = config.test.num_beams
-        self.model.generation_config.max_new_tokens = config.test.max_new_tokens
+        # The saved model's defaults are the test decoding (what `hfcap caption` and the pipeline then use).
+        self.model.generation_config.update(**generate_kwargs_of(config.test, for_generation_config=True))
         self.model.to(acc.device)
         acc.init_trackers("logs", config=self._flat_config())
         if acc.is_main_process:
@@ -395,9 +230,7 @@ class Trainer:
         acc.log({"event": "start", "num_processes": acc.num_processes}, step=0)
 
         if checkpoint is not None:
-            with open(checkpoint / STATE_FILE, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            self.state = TrainerState(**saved["state"])
+            self.state = TrainerState.load(checkpoint)
             if acc.is_main_process:
                 self._truncate_log(self.state.global_step)
             logger.info(f"Resuming from {checkpoint}: stage {config.stages[self.state.stage_index].name}, "
@@ -439,7 +272,7 @@ class Trainer:
         if path.is_file():
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             kept = [r for r in records if r.get("step") is None or r["step"] <= global_step]
-            _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _flat_config(self) -> dict:
         """Scalar hyperparameters for the trackers (TensorBoard's hparams take scalars only)."""
@@ -469,16 +302,8 @@ class Trainer:
                 self._load_best(self.config.stages[index - 1].name)
         acc.free_memory()
         acc.gradient_accumulation_steps = stage.gradient_accumulation_steps
-        if stage.type == "xe" and hasattr(self.model.config, "label_smoothing"):
-            self.model.config.label_smoothing = stage.label_smoothing
-        elif stage.type == "xe" and stage.label_smoothing:
-            raise ValueError(f"stage {stage.name}: {self.model.config.model_type} has no label_smoothing setting")
-        if stage.trainable_backbone_layers is not None:
-            if not hasattr(self.model.config, "trainable_backbone_layers"):
-                raise ValueError(f"stage {stage.name}: {self.model.config.model_type} has no "
-                                 "trainable_backbone_layers setting")
-            self.model.config.trainable_backbone_layers = stage.trainable_backbone_layers
-        self.model.train()  # SAT applies trainable_backbone_layers (requires_grad) in train()
+        # On cached features the backbone does not run, so it gets no gradients either way.
+        freeze_backbone(self.model, 0 if stage.cached_features else stage.trainable_backbone_stages)
         loader = self._train_loader(stage)
         optimizer = build_optimizer(self.model, stage)
         model, optimizer, loader = acc.prepare(self.model, optimizer, loader)
@@ -594,24 +419,26 @@ class Trainer:
 
     def _loss(self, model, batch, stage: StageConfig, reward):
         """(loss, stats) of one micro-batch: teacher-forced cross-entropy, or the SCST policy-gradient loss."""
-        inputs = {key: batch[key] for key in ("pixel_values", "visual_features") if key in batch}
+        inputs = {key: batch[key] for key in VISUAL_INPUTS if key in batch}
         if stage.type == "scst":
             from .scst import scst_step
 
             loss, stats = scst_step(model, inputs, batch["image_index"].tolist(), reward, processor=self.processor,
                                     accelerator=self.accelerator, num_samples=stage.num_samples,
                                     baseline=stage.baseline, max_new_tokens=stage.max_new_tokens,
-                                    normalisation=stage.normalisation)
+                                    normalisation=stage.normalisation, generate_kwargs=generate_kwargs_of(stage))
             keep = ("reward_mean", "baseline_mean", "sample_length_mean", "greedy_reward_mean")
             return loss, {key: value for key, value in stats.items() if key in keep}
+        smoothing = stage.label_smoothing
         if "caption_counts" not in batch:
-            return model(**inputs, labels=batch["labels"], use_cache=False).loss, {}
+            return model(**inputs, labels=batch["labels"], use_cache=False, label_smoothing=smoothing).loss, {}
         with self.accelerator.autocast():
             encoded = self.accelerator.unwrap_model(model).get_encoder()(**inputs, return_dict=True)
         counts = batch["caption_counts"]
         repeated = type(encoded)(**{name: value.repeat_interleave(counts, dim=0)
                                     for name, value in encoded.items() if torch.is_tensor(value)})
-        return model(encoder_outputs=repeated, labels=batch["labels"], use_cache=False).loss, {}
+        return model(encoder_outputs=repeated, labels=batch["labels"], use_cache=False,
+                     label_smoothing=smoothing).loss, {}
 
     def _check_finite(self, loss, stage: StageConfig, optimizer):
         """Stop with a clear error when any process's loss is NaN/inf (checked on all processes together)."""
@@ -649,7 +476,7 @@ class Trainer:
         if settings.max_images is not None:
             val = val.select(range(min(settings.max_images, len(val))))
         metrics = evaluate_captioner(model, self.processor, val, accelerator=acc, batch_size=settings.batch_size,
-                                     generate_kwargs=self._generate_kwargs(settings), full_metrics=False)
+                                     generate_kwargs=generate_kwargs_of(settings), full_metrics=False)
         score = metrics["CIDEr-D"]
         state.last_validation_step = state.step
         improved = score > state.best_metric
@@ -672,26 +499,12 @@ class Trainer:
         logger.info(f"[{stage.name}] step {state.step}: validation CIDEr-D {score:.2f} "
                     f"(best {state.best_metric:.2f})", main_process_only=True)
 
-    def _generate_kwargs(self, settings) -> dict:
-        return {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens, "do_sample": False}
-
     def _save_best(self, stage: StageConfig, score: float):
-        """``best/<stage>/``: save_pretrained of model + processor, replaced atomically (write, then rename)."""
-        acc = self.accelerator
-        if acc.is_main_process:
-            final = self.output_dir / "best" / stage.name
-            temporary = final.with_name(f".tmp-{stage.name}")
-            shutil.rmtree(temporary, ignore_errors=True)
-            self.model.save_pretrained(temporary)
-            self.processor.save_pretrained(temporary)
-            (temporary / "validation.json").write_text(json.dumps(
-                {"CIDEr-D": score, "step": self.state.step, "global_step": self.state.global_step}))
-            old = final.with_name(f".old-{stage.name}")
-            if final.exists():
-                os.replace(final, old)
-            os.replace(temporary, final)
-            shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        """``best/<stage>/``: model + processor + validation.json, replaced atomically."""
+        if self.accelerator.is_main_process:
+            save_model_directory(self.model, self.processor, self.output_dir / "best" / stage.name, validation={
+                "CIDEr-D": score, "step": self.state.step, "global_step": self.state.global_step})
+        self.accelerator.wait_for_everyone()
 
     def _load_best(self, stage_name: str):
         """Replace the model by the best one of stage ``stage_name`` (if that stage kept one)."""
@@ -700,39 +513,20 @@ class Trainer:
             logger.warning(f"no best model of stage {stage_name} to load; keeping the current weights",
                            main_process_only=True)
             return
-        self.model = type(self.model).from_pretrained(path).to(self.accelerator.device)
+        self.model = load_captioner(path, self.accelerator.device)[0]
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self):
-        """``accelerator.save_state`` into a temporary folder, then rename it and repoint ``latest`` (atomic)."""
-        acc, state = self.accelerator, self.state
-        stage = self.config.stages[state.stage_index].name
-        name = f"{state.global_step:08d}-{stage}-e{state.epoch}-b{state.batches_done}"
-        name += "-done" if state.stage_done else ""
-        root = self.output_dir / CHECKPOINTS
-        final, temporary = root / name, root / f".tmp-{name}"
-        if acc.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(temporary))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _write_atomically(temporary / STATE_FILE, json.dumps({"state": asdict(state)}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            _write_atomically(root / LATEST, name)
-            complete = sorted(path for path in root.iterdir() if (path / STATE_FILE).is_file() and path.name != name)
-            for old in complete[: max(0, len(complete) + 1 - self.config.max_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        stage_name = self.config.stages[self.state.stage_index].name
+        save_checkpoint(self.accelerator, self.output_dir, self.state, stage_name, self.config.max_checkpoints)
 
     # ------------------------------------------------------------------------------------------- final evaluation
 
     def _final_evaluation(self) -> dict:
         """Save the final model; test the trivial baseline and each stage's best model; write table, curves, maps."""
-        from hfcap.hub import write_provenance
         from hfcap.metrics import format_metrics_table
+        from hfcap.provenance import write_provenance
 
         from .evaluation import evaluate_captioner, score_captions
 
@@ -755,14 +549,12 @@ class Trainer:
             self._load_best(stage.name)
             rows[stage.name] = evaluate_captioner(
                 self.model, self.processor, dataset, accelerator=acc, batch_size=config.test.batch_size,
-                generate_kwargs=self._generate_kwargs(config.test), output_dir=self.output_dir / split / stage.name,
+                generate_kwargs=generate_kwargs_of(config.test), output_dir=self.output_dir / split / stage.name,
                 split=split, full_metrics=config.test.full_metrics)
         self.timings["test_seconds"] = round(time.perf_counter() - start, 1)
         if acc.is_main_process:
             final_dir = self.output_dir / "model"
-            shutil.rmtree(final_dir, ignore_errors=True)
-            self.model.save_pretrained(final_dir)
-            self.processor.save_pretrained(final_dir)
+            save_model_directory(self.model, self.processor, final_dir)
             recipe = ", then ".join(f"{stage.name} ({stage.type}, lr {stage.lr:g})" for stage in config.stages)
             write_provenance(final_dir, weights="trained", dataset=config.data.name, recipe=f"hfcap train: {recipe}")
             table = format_metrics_table(rows)
@@ -791,27 +583,19 @@ class Trainer:
         return scores
 
     def _plots(self, dataset):
-        """``training_curves.png`` and attention maps of the first ``attention_maps`` images (main process)."""
-        from hfcap.visualize import attention_from_generate, attention_map, plot_training_curves
+        """``training_curves.png`` and attention maps of the first ``attention_maps`` images (main process; grid
+        models only: region features have no grid to draw on)."""
+        from hfcap.visualize import save_attention_maps
+
+        from .curves import plot_training_curves
 
         plot_training_curves(self.output_dir / "log.jsonl", self.output_dir / "training_curves.png")
-        grid = getattr(self.model.config, "encoder_grid_size", None)
         count = min(self.config.attention_maps, len(dataset))
-        if not grid or not count:
+        if not count or "image" not in dataset.column_names or self.model.backbone is None:
             return
-        folder = self.output_dir / "attention"
-        folder.mkdir(exist_ok=True)
         rows = dataset.select(range(count))
-        pixel_values = self.processor(images=rows["image"], return_tensors="pt")["pixel_values"].to(self.model.device)
-        self.model.eval()
-        with torch.no_grad():
-            output = self.model.generate(pixel_values=pixel_values, **self._generate_kwargs(self.config.test),
-                                         output_attentions=True, return_dict_in_generate=True)
-        for index, (image, image_id) in enumerate(zip(rows["image"], rows["image_id"])):
-            token_ids, attentions = attention_from_generate(output, index, eos_token_id=self.model.config.eos_token_id,
-                                                            pad_token_id=self.model.config.pad_token_id)
-            words = self.processor.tokenizer.convert_ids_to_tokens(token_ids)
-            attention_map(image, words, attentions, grid_size=grid).save(folder / f"image_{int(image_id)}.png")
+        paths = [self.output_dir / "attention" / f"image_{int(image_id)}.png" for image_id in rows["image_id"]]
+        save_attention_maps(self.model, self.processor, rows["image"], paths, **generate_kwargs_of(self.config.test))
 
 
 def train(config: TrainingConfig, *, resume: bool = False) -> dict:

@@ -18,17 +18,19 @@ class ShowAttendTellConfig(PreTrainedConfig):
 
     Decoder:
         vocab_size (`int`, defaults to 9490): number of tokens.
-        encoder_dim (`int`, defaults to 2048): channels D of the annotation vectors a_i (the backbone's last map).
+        visual_feature_dim (`int`, defaults to 2048): D, the size of the annotation vectors a_i (the channels of the
+            backbone's last map; the tutorial's `encoder_dim`).
         attention_dim (`int`, defaults to 512): width of the attention MLP f_att.
         embed_dim (`int`, defaults to 512): word embedding size m.
-        decoder_dim (`int`, defaults to 512): LSTM hidden size n.
+        d_model (`int`, defaults to 512): LSTM hidden size n (the tutorial's `decoder_dim`).
         dropout (`float`, defaults to 0.5): dropout before the output layer.
         encoder_grid_size (`int`, defaults to 14): the backbone map is adaptively average-pooled to this square grid,
             giving N = encoder_grid_size**2 annotation vectors; also the grid of the returned attention maps.
         attention_activation (`"relu"` or `"tanh"`, defaults to `"relu"`): non-linearity inside f_att (paper Eq. 4).
             The tutorial uses ReLU; `"tanh"` is the paper variant (as in the authors' Theano code).
         gate (`"vector"` or `"scalar"`, defaults to `"vector"`): the gate beta_t = sigmoid(f_beta(h_{t-1})) of
-            paper §4.2.1. The tutorial gates every channel (`encoder_dim` outputs); `"scalar"` is the paper variant.
+            paper §4.2.1. The tutorial gates every channel (`visual_feature_dim` outputs); `"scalar"` is the paper
+            variant.
         deep_output (`bool`, defaults to `False`): paper variant of Eq. 7,
             `logits = L_o tanh(E y_{t-1} + L_h h_t + L_z z_t)` (with tanh, as in the authors' code). The tutorial
             uses `logits = fc(dropout(h_t))`.
@@ -45,32 +47,34 @@ class ShowAttendTellConfig(PreTrainedConfig):
         sample_attention_at_inference (`bool`, defaults to `False`): hard attention only. Outside training, sample
             the attended location instead of using the expected context (per call: `sample_attention=`).
         doubly_stochastic_weight (`float`, defaults to 1.0): alpha_c (train.py `alpha_c`), weight of the doubly
-            stochastic regulariser mean_{b,i} (1 - sum_t alpha_ti)^2 (paper §4.2.1).
-        label_smoothing (`float`, defaults to 0.0): label smoothing of the token cross-entropy (not in the tutorial).
+            stochastic regulariser mean_{b,i} (1 - sum_t alpha_ti)^2 (paper §4.2.1). Part of the paper's model, so
+            it lives here; label smoothing is a trainer's choice (`forward(label_smoothing=...)`).
 
     Backbone (ignored when `use_backbone=False`):
         use_backbone (`bool`, defaults to `True`): build the timm CNN. `False` gives a features-only model that
-            takes `visual_features (B, N, encoder_dim)` only (as the tutorial's decoder checkpoints).
+            takes `visual_features (B, N, visual_feature_dim)` only (as the tutorial's decoder checkpoints).
         backbone (`str`, defaults to `"resnet101"`): any timm CNN (`timm.create_model(..., features_only=True)`);
-            its last feature map must have `encoder_dim` channels.
+            its last feature map must have `visual_feature_dim` channels.
         backbone_kwargs (`dict`, *optional*): extra keyword arguments for `timm.create_model` (e.g. `{"in_chans": 1}`).
         use_pretrained_backbone (`bool`, defaults to `False`): load timm's pretrained weights when the model is built
             from the config (needs the Hugging Face Hub). `from_pretrained` always takes the checkpoint's weights.
-        trainable_backbone_layers (`int`, defaults to 0): how many of the backbone's feature stages (timm
-            `feature_info`, counted from the last) are trainable; the others get `requires_grad=False` (set at
-            construction and on every `train()`). 0 freezes the backbone (train.py's default,
-            `fine_tune_encoder=False`); 3 is the tutorial's fine-tuning (`layer2`-`layer4` of a ResNet); 5 trains a
-            whole ResNet. BatchNorm statistics of frozen stages still update in `train()` mode, as in the tutorial.
-        image_size (`int`, defaults to 256): side of the square images the processor produces (the tutorial's resize).
+
+    Which backbone stages train, the image size and the loss's label smoothing are not part of the model: the trainer
+    freezes stages (`hfcap.training.freeze_backbone`), the processor sizes the images (the tutorial: 256 px).
     """
 
     model_type = "show_attend_tell"
+    # The common names transformers and its integrations read (generate's output checks, DeepSpeed's auto sizes):
+    # one LSTM layer whose hidden size is d_model, and one additive attention "head".
+    attribute_map = {"hidden_size": "d_model"}
+    num_hidden_layers = 1
+    num_attention_heads = 1
 
     vocab_size: int = 9490
-    encoder_dim: int = 2048
+    visual_feature_dim: int = 2048
     attention_dim: int = 512
     embed_dim: int = 512
-    decoder_dim: int = 512
+    d_model: int = 512
     dropout: float | int = 0.5
     encoder_grid_size: int = 14
     attention_activation: Literal["relu", "tanh"] = "relu"
@@ -84,14 +88,11 @@ class ShowAttendTellConfig(PreTrainedConfig):
     baseline_decay: float | int = 0.9
     sample_attention_at_inference: bool = False
     doubly_stochastic_weight: float | int = 1.0
-    label_smoothing: float | int = 0.0
 
     use_backbone: bool = True
     backbone: str = "resnet101"
     backbone_kwargs: dict | None = None
     use_pretrained_backbone: bool = False
-    trainable_backbone_layers: int = 0
-    image_size: int = 256
 
     pad_token_id: int | None = 0
     bos_token_id: int | None = 9488
@@ -103,14 +104,12 @@ class ShowAttendTellConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict` validation: ranges that the type hints cannot express."""
-        for name in ("vocab_size", "encoder_dim", "attention_dim", "embed_dim", "decoder_dim", "encoder_grid_size"):
+        for name in ("vocab_size", "visual_feature_dim", "attention_dim", "embed_dim", "d_model", "encoder_grid_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("dropout", "hard_attention_sampling_probability", "baseline_decay", "label_smoothing"):
+        for name in ("dropout", "hard_attention_sampling_probability", "baseline_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {getattr(self, name)}.")
-        if self.trainable_backbone_layers < 0:
-            raise ValueError(f"`trainable_backbone_layers` must be >= 0, got {self.trainable_backbone_layers}.")
 
 
 __all__ = ["ShowAttendTellConfig"]
