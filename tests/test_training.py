@@ -130,6 +130,8 @@ def test_overrides_address_stages_by_name_or_index_and_parse_yaml_values(tmp_pat
     ("stages.bogus.lr=1", "no stage with that index or name"),
     ("stages.scst.baseline=best", "stages.scst.baseline must be one of"),
     ("lr", "must look like key=value"),
+    ("model.config.decoder_dim=48", "model.config.decoder_dim is not a ShowAttendTellConfig setting"),
+    ("model.config.d_modle=48", "(did you mean 'd_model'?)"),
 ])
 def test_bad_overrides_name_the_key(tmp_path, override, message):
     path = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "out", tmp_path))

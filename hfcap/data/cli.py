@@ -2,6 +2,9 @@
 
     hfcap data scenes --output DIR [--train N --val N --test N --seed S --image-size PX --workers W]
     hfcap data inspect [--data scenes|karpathy|coco|folder ...]   (the flags of hfcap.data.sources)
+    hfcap data regions --hdf5 coco_detections.hdf5 --output DIR [--max-regions 50] [--data ...]
+        the authors' bottom-up region features (M²) of every image of the dataset, as a feature cache for
+        `data.visual_features_dir` / `hfcap evaluate --visual-features`
 """
 
 import argparse
@@ -28,7 +31,7 @@ def _count(minimum: int):
 
 def configure_parser(parser):
     """Add the ``scenes`` and ``inspect`` subcommands to the ``data`` parser."""
-    sub = parser.add_subparsers(dest="data_command", metavar="{scenes,inspect}", required=True)
+    sub = parser.add_subparsers(dest="data_command", metavar="{scenes,inspect,regions}", required=True)
 
     scenes = sub.add_parser("scenes", help="Generate the procedural scenes dataset (PNGs + Karpathy JSON).")
     scenes.add_argument("--output", required=True, help="Output folder.")
@@ -42,6 +45,13 @@ def configure_parser(parser):
     inspect = sub.add_parser("inspect", help="Load a dataset, validate it, print split sizes and example captions.")
     add_data_arguments(inspect, coco_split="an 'all'")
     inspect.add_argument("--examples", type=_count(0), default=3, help="Captions to print per split (default 3).")
+
+    regions = sub.add_parser("regions", help="Import bottom-up region features (HDF5, M²'s format) as a feature cache.")
+    regions.add_argument("--hdf5", required=True, help="The authors' features file ('<image_id>_features' datasets).")
+    regions.add_argument("--output", required=True, help="Feature cache folder to write.")
+    regions.add_argument("--max-regions", type=_count(1), default=50,
+                         help="Keep the first N regions of each image in stored order (default 50, the authors').")
+    add_data_arguments(regions, coco_split="an 'all'")
 
 
 def _scenes(args):
@@ -70,6 +80,16 @@ def _inspect(args):
     return 0
 
 
+def _regions(args):
+    from hfcap.training.feature_cache import import_region_features
+
+    splits = load_data_source(data_source_from_args(args, coco_split="all"))
+    image_ids = sorted({int(image_id) for split in splits.values() for image_id in split["image_id"]})
+    output = import_region_features(args.hdf5, image_ids, args.output, max_regions=args.max_regions)
+    print(f"Wrote the region features of {len(image_ids)} images to {output}")
+    return 0
+
+
 def run(args):
-    """Dispatch ``hfcap data <scenes|inspect>``; errors reach ``hfcap.cli``."""
-    return _scenes(args) if args.data_command == "scenes" else _inspect(args)
+    """Dispatch ``hfcap data <scenes|inspect|regions>``; errors reach ``hfcap.cli``."""
+    return {"scenes": _scenes, "inspect": _inspect, "regions": _regions}[args.data_command](args)

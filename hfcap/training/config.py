@@ -38,6 +38,8 @@ class DataConfig(DataSource):
     """Where the (image, captions) data comes from (``hfcap.data.sources.DataSource``: ``name`` scenes | karpathy |
     coco | folder and its settings), and which part of it is used.
 
+    ``visual_features_dir``: a feature cache (``hfcap.training.feature_cache``; e.g. M²'s bottom-up region features
+    imported with ``hfcap data regions``) that every stage, validation and the test read instead of the images.
     ``max_*_images`` keep the first N images of a split (``None`` = all). ``xe_captions`` (XE stages):
       - ``pairs``: one row per (image, caption) pair (every caption once per epoch; the M² recipe);
       - ``one_per_image``: one row per image with one of its captions, drawn afresh every epoch (the SAT tutorial
@@ -46,6 +48,7 @@ class DataConfig(DataSource):
         for each caption (self-critical.pytorch's ``seq_per_img``), so ``batch_size`` counts images.
     """
 
+    visual_features_dir: str | None = None
     max_train_images: int | None = None
     max_val_images: int | None = None
     max_test_images: int | None = None
@@ -216,7 +219,13 @@ class TrainingConfig:
         if not self.model.init_from:
             if not self.model.type:
                 raise ValueError("model: give either model.type (+ model.config) or model.init_from")
-            get_architecture(self.model.type)  # an unknown name is an error naming the known ones
+            config_class = get_architecture(self.model.type).config_class  # unknown: an error naming the known ones
+            fields = {field.name for field in dataclasses.fields(config_class)}
+            for key in self.model.config:  # transformers keeps unknown keys silently: a typo would change nothing
+                if key not in fields:
+                    close = difflib.get_close_matches(key, fields, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"model.config.{key} is not a {config_class.__name__} setting{hint}")
         if not self.stages:
             raise ValueError("stages: at least one training stage is needed")
         names = [stage.name for stage in self.stages]
@@ -248,6 +257,8 @@ class TrainingConfig:
                 raise ValueError(f"{where}: the mean_of_others baseline needs num_samples >= 2")
             if stage.type == "scst" and stage.label_smoothing:
                 raise ValueError(f"{where}: label_smoothing applies to xe stages only")
+            if stage.cached_features and self.data.visual_features_dir:
+                raise ValueError(f"{where}.cached_features: the whole run already reads data.visual_features_dir")
             if stage.trainable_backbone_stages is not None and stage.trainable_backbone_stages < 0:
                 raise ValueError(f"{where}.trainable_backbone_stages must be >= 0 (or null for all)")
         for where, settings in (("validation", self.validation), ("test", self.test)):

@@ -4,8 +4,8 @@ API
 ---
 ``generate_captions(model, processor, dataset, *, accelerator=None, batch_size=32, generate_kwargs=None)
 -> dict[int, str]``
-    ``image_id -> caption`` for every row of ``dataset`` (columns ``image`` or ``visual_features``, ``image_id``), in
-    dataset order. With an
+    ``image_id -> caption`` for every row of ``dataset`` (columns ``image``, ``image_id``), in dataset order; with
+    ``features_dir`` (a feature cache, ``hfcap.training.feature_cache``) from those images' visual features instead. With an
     ``accelerator`` each process captions its shard; sequences are padded across processes and gathered with
     ``gather_for_metrics`` (which drops the duplicates of the uneven last batch), so every process returns the full,
     duplicate-free dict. ``model`` may be wrapped (DDP); ``generate`` runs on the unwrapped model in eval mode.
@@ -44,7 +44,7 @@ PROTOCOLS = {True: "coco", False: "cider-d-only"}
 
 
 def generate_captions(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
-                      generate_kwargs: dict | None = None) -> dict[int, str]:
+                      generate_kwargs: dict | None = None, features_dir=None) -> dict[int, str]:
     """``image_id -> generated caption`` for every row of ``dataset``; see the module doc."""
     from tqdm.auto import tqdm
 
@@ -55,9 +55,13 @@ def generate_captions(model, processor, dataset, *, accelerator=None, batch_size
     if len(set(image_ids)) != len(image_ids):
         raise ValueError(f"the dataset has {len(image_ids) - len(set(image_ids))} duplicate image_id values; "
                          "COCO results need one caption per image id")
-    columns = [name for name in ("image", "visual_features", "visual_attention_mask", "image_id")
-               if name in dataset.column_names]
-    loader = torch.utils.data.DataLoader(dataset.select_columns(columns), batch_size=batch_size,
+    if features_dir is not None:  # the images' precomputed visual features, joined by image_id
+        from .feature_cache import CachedFeatureDataset
+
+        rows = CachedFeatureDataset(features_dir, dataset.select_columns(["image_id"]))
+    else:
+        rows = dataset.select_columns(["image", "image_id"])
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size,
                                          shuffle=False, collate_fn=make_collate(processor, "evaluation"))
     if accelerator is not None:
         from accelerate.data_loader import prepare_data_loader
@@ -110,10 +114,10 @@ def score_captions(predictions: dict[int, str], references: dict[int, list[str]]
 
 def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
                        generate_kwargs: dict | None = None, output_dir=None, split: str = "test",
-                       full_metrics: bool = True) -> dict[str, float]:
+                       full_metrics: bool = True, features_dir=None) -> dict[str, float]:
     """Caption ``dataset`` (columns ``image``, ``captions``, ``image_id``) and score it; see the module doc."""
     predictions = generate_captions(model, processor, dataset, accelerator=accelerator, batch_size=batch_size,
-                                    generate_kwargs=generate_kwargs)
+                                    generate_kwargs=generate_kwargs, features_dir=features_dir)
     is_main = accelerator is None or accelerator.is_main_process
     metrics = None
     if is_main:
@@ -158,6 +162,8 @@ def configure_parser(parser):
     parser.add_argument("--output", required=True, help="Folder for metrics.json, metrics.md and the results file.")
     add_data_arguments(parser)
     add_generation_arguments(parser)
+    parser.add_argument("--visual-features", metavar="DIR", help="caption from this feature cache (e.g. M2's region "
+                        "features, `hfcap data regions`) instead of the images")
     parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="Images per generate call and process (default: 32).")
     parser.add_argument("--max-images", type=_positive_int, help="Evaluate only the first N images of the split.")
@@ -202,7 +208,8 @@ def run(args) -> int:
     dataset = load_evaluation_split(args)
     metrics = evaluate_captioner(model, processor, dataset, accelerator=accelerator, batch_size=args.batch_size,
                                  generate_kwargs=generate_kwargs_from_args(args), output_dir=args.output,
-                                 split=args.split, full_metrics=not args.cider_only)
+                                 split=args.split, full_metrics=not args.cider_only,
+                                 features_dir=args.visual_features)
     if accelerator.is_main_process:
         print(format_metrics_table({args.split: metrics}))
         print(f"Wrote metrics.json, metrics.md and captions_{args.split}_results.json to {args.output}")

@@ -389,7 +389,11 @@ class Trainer:
             rows, kind = caption_pairs(train), "pairs"
         else:
             rows, kind = train, "grouped" if mode == "grouped" else "pairs"
-        if stage.cached_features:
+        if self.config.data.visual_features_dir:  # precomputed features (e.g. M²'s regions) instead of images
+            from .feature_cache import CachedFeatureDataset
+
+            rows = CachedFeatureDataset(self.config.data.visual_features_dir, rows)
+        elif stage.cached_features:
             rows = self._cached_features(rows)
         if stage.type == "scst":
             rows = Indexed(rows)
@@ -476,6 +480,7 @@ class Trainer:
         if settings.max_images is not None:
             val = val.select(range(min(settings.max_images, len(val))))
         metrics = evaluate_captioner(model, self.processor, val, accelerator=acc, batch_size=settings.batch_size,
+                                     features_dir=self.config.data.visual_features_dir,
                                      generate_kwargs=generate_kwargs_of(settings), full_metrics=False)
         score = metrics["CIDEr-D"]
         state.last_validation_step = state.step
@@ -549,6 +554,7 @@ class Trainer:
             self._load_best(stage.name)
             rows[stage.name] = evaluate_captioner(
                 self.model, self.processor, dataset, accelerator=acc, batch_size=config.test.batch_size,
+                features_dir=config.data.visual_features_dir,
                 generate_kwargs=generate_kwargs_of(config.test), output_dir=self.output_dir / split / stage.name,
                 split=split, full_metrics=config.test.full_metrics)
         self.timings["test_seconds"] = round(time.perf_counter() - start, 1)
@@ -591,7 +597,7 @@ class Trainer:
 
         plot_training_curves(self.output_dir / "log.jsonl", self.output_dir / "training_curves.png")
         count = min(self.config.attention_maps, len(dataset))
-        if not count or "image" not in dataset.column_names or self.model.backbone is None:
+        if not count or self.config.data.visual_features_dir or self.model.backbone is None:
             return
         rows = dataset.select(range(count))
         paths = [self.output_dir / "attention" / f"image_{int(image_id)}.png" for image_id in rows["image_id"]]
