@@ -366,3 +366,14 @@ def test_converted_directory_records_its_provenance_for_the_model_card(tmp_path)
     assert f"- **Weights:** converted from {source}.\n" in card.text
     assert f"Converted from {source} with `hfcap convert show-attend-tell`." in card.text
     assert card.data.license == "mit" and card.data.datasets == ["yerevann/coco-karpathy"]  # the authors' facts
+
+
+def test_nan_weights_are_refused_before_anything_is_written(tmp_path, tutorial_models):
+    decoder = tutorial_models.DecoderWithAttention(32, 32, 64, 43, encoder_dim=128)
+    with torch.no_grad():
+        decoder.fc.weight[3, 5] = float("nan")
+    checkpoint = tmp_path / "checkpoint.pth.tar"
+    save_tutorial_checkpoint(checkpoint, decoder, None)
+    with pytest.raises(CheckpointError, match="NaN or infinite weights in 1 tensors, e.g. decoder.fc.weight"):
+        convert_checkpoint("show-attend-tell", checkpoint, SAT / "small-b" / "WORDMAP.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

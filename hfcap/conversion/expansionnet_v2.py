@@ -31,9 +31,6 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..models.expansionnet_v2 import ExpansionNetV2Config, ExpansionNetV2ForConditionalGeneration
-from ..processing.image_processing import make_image_processor
-from ..processing.processing_captioning import CaptioningProcessor
-from ..processing.tokenization import tokenizer_from_vocabulary
 from .safe_unpickle import (
     CONTAINERS,
     NUMPY_ARRAYS,
@@ -45,6 +42,7 @@ from .safe_unpickle import (
     load_checkpoint,
     load_pickle,
 )
+from .writing import write_converted
 
 EXPANSIONNET_V2_CHECKPOINT = Allowlist.build(
     "ExpansionNet v2 checkpoint",
@@ -412,25 +410,13 @@ def convert(
         {key: tensor.shape for key, tensor in model.state_dict().items()},
     )
     model.load_state_dict(mapped, strict=True)
-    if num_beams is not None:
-        model.generation_config.num_beams = num_beams
-    if max_new_tokens is not None:
-        if max_new_tokens > config.max_position_embeddings:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} exceeds the position table ({config.max_position_embeddings} rows)"
-            )
-        model.generation_config.max_new_tokens = max_new_tokens
-
-    tokenizer = tokenizer_from_vocabulary(tokens, **special_tokens)
-    processor = CaptioningProcessor(
-        make_image_processor(image_size, resample="bilinear"),
-        tokenizer,
-        max_caption_length=config.max_position_embeddings - 1,  # SOS + words (decoder input) fit the position table
-    )
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    if max_new_tokens is not None and max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} exceeds the position table ({config.max_position_embeddings} rows)"
+        )
+    return write_converted(model, tokens, special_tokens, output_dir, checkpoint=checkpoint, image_size=image_size,
+                           resample="bilinear", num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           max_caption_length=config.max_position_embeddings - 1)  # SOS + words fit the table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,9 +29,6 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from ..models.m2_transformer import M2TransformerConfig, M2TransformerForConditionalGeneration
-from ..processing.image_processing import make_image_processor
-from ..processing.processing_captioning import CaptioningProcessor
-from ..processing.tokenization import tokenizer_from_vocabulary
 from .safe_unpickle import (
     CONTAINERS,
     NUMPY_ARRAYS,
@@ -42,6 +39,7 @@ from .safe_unpickle import (
     load_checkpoint,
     load_pickle,
 )
+from .writing import write_converted
 
 logger = logging.getLogger(__name__)
 
@@ -256,22 +254,10 @@ def convert(
                 f"{tuple(expected[key].shape)} for {dims}, num_heads={num_heads}, head_dim={head_dim}"
             )
     model.load_state_dict(mapped)
-    if num_beams is not None:
-        model.generation_config.num_beams = num_beams
-    if max_new_tokens is not None:
-        model.generation_config.max_new_tokens = max_new_tokens
     logger.info("converted %s: %s, num_heads=%d, head_dim=%d", checkpoint, dims, num_heads, head_dim)
-
-    tokenizer = tokenizer_from_vocabulary(tokens, **SPECIAL_TOKENS)
-    processor = CaptioningProcessor(
-        make_image_processor(image_size, resample="bicubic"),
-        tokenizer,
-        max_caption_length=config.max_position_embeddings - 1,  # <bos> + words fill the position table
-    )
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    return write_converted(model, tokens, SPECIAL_TOKENS, output_dir, checkpoint=checkpoint, image_size=image_size,
+                           resample="bicubic", num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           max_caption_length=config.max_position_embeddings - 1)  # <bos> + words fill the table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

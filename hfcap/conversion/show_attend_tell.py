@@ -26,10 +26,8 @@ from typing import NamedTuple
 import torch
 
 from ..models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
-from ..processing.image_processing import make_image_processor
-from ..processing.processing_captioning import CaptioningProcessor
-from ..processing.tokenization import tokenizer_from_vocabulary
 from .safe_unpickle import CONTAINERS, NUMPY_ARRAYS, TORCH_TENSORS, Allowlist, CheckpointError, load_checkpoint
+from .writing import write_converted
 
 logger = logging.getLogger(__name__)
 
@@ -304,17 +302,8 @@ def convert(
     missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise CheckpointError(f"converted weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    if num_beams is not None:
-        model.generation_config.num_beams = num_beams
-    if max_new_tokens is not None:
-        model.generation_config.max_new_tokens = max_new_tokens
-
-    tokenizer = tokenizer_from_vocabulary(tokens, **SPECIAL_TOKENS)
-    processor = CaptioningProcessor(make_image_processor(image_size, resample="bilinear"), tokenizer)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    return write_converted(model, tokens, SPECIAL_TOKENS, output_dir, checkpoint=checkpoint, image_size=image_size,
+                           resample="bilinear", num_beams=num_beams, max_new_tokens=max_new_tokens)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
