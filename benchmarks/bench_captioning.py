@@ -1,5 +1,10 @@
-"""Captioning throughput of hfcap's models, and how it compares: `PYTHONPATH=. python benchmarks/bench_captioning.py
---json captioning.json` on one GPU (about 6 min on an H100/H200, all sections in one run).
+"""Captioning throughput of hfcap's models, and how it compares, on one GPU:
+
+    PYTHONPATH=. python benchmarks/bench_captioning.py --models expansionnet_v2 --json env2.json       # ~5 min
+    PYTHONPATH=. python benchmarks/bench_captioning.py --models m2_transformer m2_transformer-regions \
+        show_attend_tell --no-ved --json m2_sat.json                                                     # ~4 min
+    PYTHONPATH=. python benchmarks/bench_captioning.py --cpu-latency --json cpu.json                    # ~2 min
+(estimates for an H100/H200; no argument runs everything in one go, cut at `--time-budget`).
 
 Models: full size, random weights (`use_pretrained_backbone=False`), eval mode:
     expansionnet_v2         the default config: Swin-L/384 (144 tokens of 1536), 3 + 3 expansion layers, 10,000 words
@@ -7,8 +12,8 @@ Models: full size, random weights (`use_pretrained_backbone=False`), eval mode:
     m2_transformer-regions  the released setting on bottom-up region features (B, 50, 2048), features only
     show_attend_tell        the default config: ResNet-101 at 256 px pooled to 14x14, LSTM 512, 9,490 words
 Every caption is exactly 20 new tokens (`min_new_tokens = max_new_tokens = 20`: random weights would otherwise end
-captions at random lengths). ExpansionNet v2's EOS logit is also pushed to -1e4 (its output bias), because the
-authors' beam search and `hfcap.reference_beam_search` take no `min_new_tokens`: so every search decodes 20 tokens.
+captions at random lengths). The EOS logit is also pushed to -1e4 through the output layer's bias (ExpansionNet v2,
+SAT; M²'s has none), because the authors' searches (theirs, `hfcap.reference_beam_search`) take no `min_new_tokens`.
 
 Sections (each prints a table; `--json PATH` gets every number, rewritten after each section):
   captioning  images/s for batch `--batch-sizes` x `--num-beams` (1 = greedy; HF `generate`) x `--precisions`
@@ -30,6 +35,10 @@ Sections (each prints a table; `--json PATH` gets every number, rewritten after 
               `beam_search` (beam 3, 20 new tokens) beside `custom_generate=hfcap.reference_beam_search` and HF beam
               search on the same images, batch `--peer-batch-sizes`, fp32 and bf16 autocast. Correctness: first-step
               log-probs of both on the same images (fp32), and whether their best beams are the same tokens.
+  (e) reference  `hfcap.reference_beam_search` (each architecture's authors' search; SAT's decodes one image at a
+              time, as the tutorial's) vs HF beam search, largest beam, from `encoder_outputs`, fp32, batch
+              `--cache-batch-sizes`; `tokens` = new tokens it decoded (M²'s may end early: no bias to keep EOS out).
+Per model the order is: captioning grid, (c)'s FLOP count, (d), (a), (e); then (b), (c)'s table and the summary.
 
 Timing: one warm-up call, then the best of `--runs` calls (at least 2; fewer once `--max-seconds` are spent), CUDA
 events around each call after the warm-up. fp32 uses PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full
@@ -102,8 +111,9 @@ TINY = {
         eos_token_id=0, pad_token_id=1, bos_token_id=2, decoder_start_token_id=2)),
     "m2_transformer": dict(cls=M2TransformerForConditionalGeneration, image_size=64,
                            config=M2TransformerConfig(**_M2_TINY, visual_feature_dim=96)),
-    "m2_transformer-regions": dict(cls=M2TransformerForConditionalGeneration, regions=(5, 12), config=M2TransformerConfig(
-        **_M2_TINY, visual_feature_dim=12, **{**M2_CARD["converted_config"], "pad_regions_to": 6})),
+    "m2_transformer-regions": dict(cls=M2TransformerForConditionalGeneration, regions=(5, 12),
+                                   config=M2TransformerConfig(**_M2_TINY, visual_feature_dim=12, **{
+                                       **M2_CARD["converted_config"], "pad_regions_to": 6})),
     "show_attend_tell": dict(cls=ShowAttendTellForConditionalGeneration, image_size=32, config=ShowAttendTellConfig(
         backbone="test_resnet", visual_feature_dim=96, encoder_grid_size=2, attention_dim=16, embed_dim=16, d_model=16,
         vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
@@ -120,12 +130,12 @@ def amp(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def run(fn, args):
+def run(fn, args, always=False):
     """Time `fn()`: one warm-up call, then the best of up to `args.runs` calls (>= 2, fewer once `args.max_seconds`
     are spent); --tiny: the warm-up call alone. Returns a namespace (seconds, out, peak GiB, error); error is
-    "skipped" once the time budget is spent, "OOM", or the exception's text."""
+    "skipped" once the time budget is spent (unless `always`), "OOM", or the exception's text."""
     device = args.device
-    if time.perf_counter() - START > args.time_budget:
+    if not always and time.perf_counter() - START > args.time_budget:
         return SimpleNamespace(seconds=None, out=None, peak=None, error="skipped")
     cuda = device.type == "cuda"
     try:
@@ -181,6 +191,11 @@ def fmt(value, width, digits=1):
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
+def fmt_x(ratio, width):
+    """A ratio as `1.23x`, right-aligned in `width`."""
+    return f"{'-':>{width}}" if ratio is None else f"{ratio:>{width - 1}.2f}x"
+
+
 def decoding(beams, **extra):
     """generate kwargs: HF greedy (beams = 1) or beam search forced to exactly NEW_TOKENS new tokens."""
     return dict(num_beams=beams, do_sample=False, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, **extra)
@@ -199,9 +214,10 @@ def build(spec, device):
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: Swin-L's random init is slow on the CPU
         model = spec["cls"](spec["config"]).eval()
-    if isinstance(model, ExpansionNetV2ForConditionalGeneration):
-        with torch.no_grad():  # see the module doc: every search decodes the full NEW_TOKENS
-            model.lm_head.bias[model.config.eos_token_id] = -1e4
+    head = model.get_output_embeddings()
+    if head.bias is not None:  # see the module doc: the reference searches decode the full NEW_TOKENS too
+        with torch.no_grad():
+            head.bias[model.config.eos_token_id] = -1e4
     return model
 
 
@@ -249,7 +265,8 @@ def captioning(name, spec, model, args):
                                    images_per_s=batch / full.seconds if full and full.seconds else None,
                                    backbone_ms=ms(backbone) if input_name == "pixels" else None,
                                    encoder_ms=ms(encoder), decode_ms=ms(decode),
-                                   peak_gib=full.peak if full else None, error=full.error if full else "no features",
+                                   peak_gib=full.peak if full else None,
+                                   error=full.error if full else f"no features ({backbone.error})",
                                    new_tokens_ok=new_tokens_ok(full) if full else True)
                         print_row(row)
                         RESULTS["rows"].append(row)
@@ -272,32 +289,57 @@ def print_row(row, suffix=""):
     print(line + suffix + (f"  {row['error']}" if row.get("error") else ""), flush=True)
 
 
-def cache_ratio(name, spec, model, args):
-    """(a) decoding with vs without the cache, from precomputed encoder outputs, fp32."""
-    device = args.device
+def decoding_variants(name, spec, model, args):
+    """(a) decoding with vs without the cache, greedy and the largest beam, and (e) `hfcap.reference_beam_search` (each
+    architecture's authors' search; SAT's decodes one image at a time, as the tutorial's) vs HF beam search at the
+    largest beam: all from precomputed encoder outputs, fp32."""
+    print(f"\n(a) {name}: decoding from encoder_outputs, fp32, cached vs use_cache=False\n"
+          f"{'model':<23}{'batch':>5} {'method':<7}{'cached ms':>11}{'uncached ms':>12}{'ratio':>9}")
+    largest, references = max(args.num_beams), []
     for batch in args.cache_batch_sizes:
-        inputs = make_inputs(spec, batch, device, torch.float32)
+        inputs = make_inputs(spec, batch, args.device, torch.float32)
         with torch.no_grad():
             features = {"visual_features": model.get_image_features(inputs["pixel_values"])} if "image_size" in spec \
                 else inputs
             encoder_outputs = model.get_encoder()(**features)
-            for beams in sorted({1, max(args.num_beams)}):
+            for beams in sorted({1, largest}):
                 cached = run(lambda: model.generate(encoder_outputs=fresh(encoder_outputs), **decoding(beams)), args)
                 uncached = run(lambda: model.generate(encoder_outputs=fresh(encoder_outputs),
                                                       **decoding(beams, use_cache=False)), args)
                 ratio = uncached.seconds / cached.seconds if cached.seconds and uncached.seconds else None
-                row = dict(section="cache", model=name, batch=batch, method=method_name(beams), cached_ms=ms(cached),
-                           uncached_ms=ms(uncached), ratio=ratio, error=cached.error or uncached.error,
-                           new_tokens_ok=new_tokens_ok(cached) and new_tokens_ok(uncached))
                 same = None if cached.out is None or uncached.out is None else torch.equal(cached.out, uncached.out)
-                row["tokens_equal"] = same
+                row = dict(section="cache", model=name, batch=batch, method=method_name(beams), cached_ms=ms(cached),
+                           uncached_ms=ms(uncached), ratio=ratio, tokens_equal=same,
+                           error=cached.error or uncached.error,
+                           new_tokens_ok=new_tokens_ok(cached) and new_tokens_ok(uncached))
                 RESULTS["rows"].append(row)
                 print(f"{name:<23}{batch:>5} {method_name(beams):<7}{fmt(row['cached_ms'], 11, 2)}"
-                      f"{fmt(row['uncached_ms'], 12, 2)}{fmt(ratio, 8, 2)}x  tokens equal: {same}"
+                      f"{fmt(row['uncached_ms'], 12, 2)}{fmt_x(ratio, 9)}  tokens equal: {same}"
                       f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
                 if same is not None:
                     check(f"{name} batch {batch} {method_name(beams)}: cached == uncached tokens", same,
                           strict=args.tiny)
+            reference = run(lambda: model.generate(
+                encoder_outputs=fresh(encoder_outputs), num_beams=largest, max_new_tokens=NEW_TOKENS,
+                do_sample=False, custom_generate=hfcap.reference_beam_search), args)
+        references.append((batch, cached, reference))  # `cached` is HF beam search at the largest beam
+
+    print(f"\n(e) {name}: hfcap.reference_beam_search (the authors' search) vs HF beam search, from "
+          f"encoder_outputs, fp32\n{'model':<23}{'batch':>5} {'method':<7}{'HF ms':>9}{'reference ms':>14}"
+          f"{'ref img/s':>10}{'ref/HF':>9}{'tokens':>8}")
+    for batch, hf, reference in references:
+        tokens = None
+        if reference.out is not None:  # M²'s output layer has no bias to keep EOS out: say what was decoded
+            tokens = (reference.out[:, 1:] != model.config.pad_token_id).sum(1).float().mean().item()
+        ratio = reference.seconds / hf.seconds if hf.seconds and reference.seconds else None
+        row = dict(section="reference", model=name, batch=batch, beams=largest, hf_ms=ms(hf),
+                   reference_ms=ms(reference), reference_over_hf=ratio, reference_tokens=tokens,
+                   images_per_s=batch / reference.seconds if reference.seconds else None,
+                   error=hf.error or reference.error)
+        RESULTS["rows"].append(row)
+        print(f"{name:<23}{batch:>5} {f'beam{largest}':<7}{fmt(row['hf_ms'], 9)}{fmt(row['reference_ms'], 14)}"
+              f"{fmt(row['images_per_s'], 10)}{fmt_x(ratio, 9)}{fmt(tokens, 8)}"
+              f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
 
 
 def backbone_flops(spec, model, device):
@@ -315,7 +357,7 @@ def matmul_peak(args):
     n = 512 if args.tiny else 8192
     a = torch.randn(n, n, device=args.device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=args.device, dtype=torch.bfloat16)
-    result = run(lambda: [a @ b for _ in range(10)], args)
+    result = run(lambda: [a @ b for _ in range(10)], args, always=True)
     return 10 * 2 * n**3 / result.seconds / 1e12
 
 
@@ -399,8 +441,7 @@ def ved_section(args, image_size):
                                backbone_ms=ms(encoder), encoder_ms=None, decode_ms=ms(decode), peak_gib=full.peak,
                                error=full.error, hfcap_over_peer=ratio, new_tokens_ok=new_tokens_ok(full))
                     RESULTS["rows"].append(row)
-                    print_row(row, fmt(ratio, 10, 2) + ("x" if ratio else " "))
-    del model
+                    print_row(row, fmt_x(ratio, 11))
 
 
 # --------------------------------------------------------------------------------------- (d) the authors' code
@@ -442,14 +483,14 @@ def build_peer(model, peer_dir, device):
 
 
 @contextlib.contextmanager
-def full_fp32_matmuls():
-    """TF32 off while the two implementations are compared (--tf32 would otherwise blur the comparison)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+def no_tf32():
+    """True fp32 matmuls and convolutions while the two implementations are compared (TF32 would blur it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def peer_beam_search(peer, pixel_values, beams, config):
@@ -471,7 +512,7 @@ def authors_section(model, spec, args):
     # Correctness, cheaply: the first decoding step's log-probs on the same two images, fp32.
     pixel_values = make_inputs(spec, 2, device, torch.float32, seed=1)["pixel_values"]
     start = torch.full((2, 1), config.decoder_start_token_id, device=device)
-    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False), full_fp32_matmuls():
+    with torch.no_grad(), no_tf32():
         theirs = peer.forward_dec(peer.forward_enc(pixel_values, [0, 0]), [0, 0], start, [0, 0],
                                   apply_log_softmax=True)[:, 0]
         ours = model(pixel_values=pixel_values, decoder_input_ids=start).logits[:, 0].float().log_softmax(-1)
@@ -501,7 +542,7 @@ def authors_section(model, spec, args):
                            peak_gib=result.peak, speedup_vs_authors=ratio, error=result.error)
                 RESULTS["rows"].append(row)
                 print(f"{batch:>5} {precision:<14}{label:<30}{fmt(row['images_per_s'], 10)}{fmt(row['ms'], 11)}"
-                      f"{fmt(row['peak_gib'], 9, 2)}{fmt(ratio, 10, 2)}x{'  ' + row['error'] if row['error'] else ''}",
+                      f"{fmt(row['peak_gib'], 9, 2)}{fmt_x(ratio, 11)}{'  ' + row['error'] if row['error'] else ''}",
                       flush=True)
             reference = results["hfcap reference_beam_search"].out
             if precision == "fp32" and authors.out is not None and reference is not None:
@@ -510,15 +551,48 @@ def authors_section(model, spec, args):
                       f"{same}/{batch} images identical", strict=args.tiny)
                 check(f"hfcap reference search decoded {NEW_TOKENS} tokens, batch {batch}",
                       reference.shape[1] == NEW_TOKENS + 1, strict=True)
-    del peer
 
 
 # ---------------------------------------------------------------------------------------------- --cpu-latency
 
 
+def profile_section(name, spec, model, args, batch=256, beams=3):
+    """Where the time of the headline setting goes: GPU time of each stage (CUDA events) and the top CUDA kernels of
+    one bf16-autocast call from pixels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make_inputs(spec, batch, args.device, torch.float32)
+    stages = {}
+
+    def timed(stage, fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize()
+        stages[stage] = start.elapsed_time(end)
+        return result
+
+    with torch.no_grad(), amp(args.device, True):
+        for _ in range(2):  # warm-up: cuDNN/cuBLAS heuristics, allocator
+            model.generate(**inputs, **decoding(beams))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            features = timed("backbone", lambda: model.get_image_features(inputs["pixel_values"]))
+            encoder_outputs = timed("encoder", lambda: model.get_encoder()(visual_features=features))
+            timed("decoding", lambda: model.generate(encoder_outputs=fresh(encoder_outputs), **decoding(beams)))
+    total = sum(stages.values())
+    print(f"\n(f) profile: {name}, bf16 autocast, batch {batch}, beam {beams}, from pixels; time by stage: "
+          + ", ".join(f"{stage} {value:.0f} ms ({value / total:.0%})" for stage, value in stages.items()))
+    kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                     key=lambda e: e.device_time_total, reverse=True)[:15]
+    print(f"{'CUDA kernel (top 15 by GPU time)':<90}{'ms':>9}{'calls':>8}")
+    for event in kernels:
+        print(f"{event.key[:88]:<90}{event.device_time_total / 1e3:>9.1f}{event.count:>8}")
+    RESULTS["meta"]["profile"] = {"setting": f"{name} bf16-autocast batch {batch} beam {beams}", "stages_ms": stages,
+                                  "top_kernels": [(e.key, e.device_time_total / 1e3, e.count) for e in kernels]}
+
+
 def cpu_latency(args, specs):
-    if not args.tiny:
-        torch.set_num_threads(args.threads)
     print(f"\nsingle-image latency on the CPU, {torch.get_num_threads()} threads, fp32, {NEW_TOKENS} new tokens "
           "(authors' spec: their ExpansionNet v2 code, beam 5, 2 threads: 2.65 s/image)")
     print(f"{'model':<23}{'input':<9}{'search':<30}{'beams':>5}{'s/image':>10}")
@@ -540,12 +614,12 @@ def cpu_latency(args, specs):
             for label, fn in searches.items():
                 with torch.no_grad():
                     result = run(fn, cpu_args)
-                row = dict(section="cpu_latency", model=name, input=next(iter(inputs)).split("_")[0], search=label,
-                           beams=beams, seconds=result.seconds, threads=torch.get_num_threads(), error=result.error)
+                kind = "pixels" if "image_size" in spec else "regions"
+                row = dict(section="cpu_latency", model=name, input=kind, search=label, beams=beams,
+                           seconds=result.seconds, threads=torch.get_num_threads(), error=result.error)
                 RESULTS["rows"].append(row)
-                print(f"{name:<23}{'pixels' if 'image_size' in spec else 'regions':<9}{label:<30}{beams:>5}"
+                print(f"{name:<23}{kind:<9}{label:<30}{beams:>5}"
                       f"{fmt(result.seconds, 10, 3)}{'  ' + result.error if result.error else ''}", flush=True)
-        del model, peer
         write_json(args)
 
 
@@ -559,8 +633,9 @@ def header(args):
 
     device = args.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                "timm": timm.__version__, "accelerate": accelerate.__version__, "cuda": torch.version.cuda}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "timm": timm.__version__,
+                "accelerate": accelerate.__version__, "cuda": torch.version.cuda}
     RESULTS["meta"].update(device=name, versions=versions, tiny=args.tiny, new_tokens=NEW_TOKENS,
                            settings={k: str(v) for k, v in vars(args).items()})
     print(f"device: {name}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -588,7 +663,7 @@ def summary(args):
         if w_ratio:
             log_ratios.setdefault(key[2], []).append(math.log(w_ratio))
         print(f"{key[0]:<23}{key[1]:<9}{key[2]:>5} {key[3]:<7}{fmt(fp32, 9)}{fmt(ac, 9)}{fmt(w, 9)}"
-              f"{fmt(ac_ratio, 7, 2)}x{fmt(w_ratio, 6, 2)}x")
+              f"{fmt_x(ac_ratio, 8)}{fmt_x(w_ratio, 7)}")
     for batch, logs in sorted(log_ratios.items()):
         geomean = math.exp(sum(logs) / len(logs))
         verdict = ("bf16 weights clearly faster" if geomean > 1.1 else
@@ -613,17 +688,25 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed calls after the warm-up (at least 2)")
     parser.add_argument("--max-seconds", type=float, default=1.0,
                         help="timed calls stop at 2 once they have taken this long together")
-    parser.add_argument("--time-budget", type=float, default=420.0, help="skip what remains after this many seconds")
+    parser.add_argument("--time-budget", type=float,
+                        help="skip the measurements left after this many seconds (default 420; --tiny: none)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32")
     parser.add_argument("--tiny", action="store_true", help="CPU correctness run on tiny configs (CI)")
     parser.add_argument("--cpu-latency", action="store_true", help="single-image CPU latency of the full models")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for --cpu-latency")
+    parser.add_argument("--profile", action="store_true",
+                        help="(f): the top CUDA kernels of ExpansionNet v2, bf16, batch 256, beam 3, from pixels")
     args = parser.parse_args()
     if args.tiny:
         args.device, args.batch_sizes, args.cache_batch_sizes, args.peer_batch_sizes = "cpu", [2], [2], [2]
-        args.time_budget = float("inf")
+    if args.time_budget is None:
+        args.time_budget = float("inf") if args.tiny else 420.0
+    if args.cpu_latency:
+        args.device = "cpu"
+        torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     specs = {name: (TINY if args.tiny else FULL)[name] for name in args.models}
     header(args)
     has_peer = args.peer_dir.is_dir()
@@ -646,12 +729,12 @@ def main():
             write_json(args)
             if "image_size" in spec:
                 flops[name] = backbone_flops(spec, model, args.device)
-            print(f"\n(a) {name}: decoding from encoder_outputs, fp32, cached vs use_cache=False\n"
-                  f"{'model':<23}{'batch':>5} {'method':<7}{'cached ms':>11}{'uncached ms':>12}{'ratio':>9}")
-            cache_ratio(name, spec, model, args)
             if name == ENV2 and has_peer:
                 print(f"\n(d) the authors' ExpansionNet v2 code ({args.peer_dir}) on the same weights and images")
                 authors_section(model, spec, args)
+            decoding_variants(name, spec, model, args)
+            if args.profile and name == ENV2 and args.device.type == "cuda":
+                profile_section(name, spec, model, args)
             write_json(args)
             del model
             if args.device.type == "cuda":
@@ -666,8 +749,8 @@ def main():
             cpu_latency(args, specs)
     lengths = all(r.get("new_tokens_ok", True) for r in RESULTS["rows"])
     check(f"every generate call decoded {NEW_TOKENS} new tokens", lengths)
-    errors = [r for r in RESULTS["rows"] if r.get("error") not in (None, "skipped")]
-    skipped = sum(r.get("error") == "skipped" for r in RESULTS["rows"])
+    skipped = sum("skipped" in (r.get("error") or "") for r in RESULTS["rows"])
+    errors = [r for r in RESULTS["rows"] if r.get("error") and "skipped" not in r["error"]]
     print(f"\n{len(RESULTS['rows'])} rows, {len(errors)} with errors, {skipped} skipped (time budget); "
           f"{time.perf_counter() - START:.0f} s")
     write_json(args)

@@ -48,8 +48,8 @@ TINY = {
 }
 
 
-def build(size):
-    """A random features-only model of `size` and one image's random visual tokens."""
+def build(size, batch_size=1):
+    """A random features-only model of `size` and `batch_size` images' random visual tokens."""
     settings = dict(size)
     num_visual_tokens = settings.pop("num_visual_tokens")
     config = ExpansionNetV2Config(
@@ -63,14 +63,14 @@ def build(size):
     )
     torch.manual_seed(0)
     model = ExpansionNetV2ForConditionalGeneration(config).eval()
-    features = torch.randn(1, num_visual_tokens, config.visual_feature_dim)
+    features = torch.randn(batch_size, num_visual_tokens, config.visual_feature_dim)
     return model, features
 
 
-def decode(model, features, length, use_cache):
+def decode(model, features, length, use_cache, num_beams=1):
     return model.generate(
         visual_features=features,
-        num_beams=1,
+        num_beams=num_beams,
         do_sample=False,
         min_new_tokens=length,
         max_new_tokens=length,
@@ -94,12 +94,12 @@ def check(model, features):
         print(f"{length:>3} tokens: cached == uncached (max logit difference {difference:.1e})")
 
 
-def best_time(model, features, length, use_cache, min_seconds=0.5, max_runs=10):
-    decode(model, features, length, use_cache)  # warm-up
+def best_time(model, features, length, use_cache, num_beams, min_seconds=0.5, max_runs=10):
+    decode(model, features, length, use_cache, num_beams)  # warm-up
     times = []
     while len(times) < 2 or (sum(times) < min_seconds and len(times) < max_runs):
         start = time.perf_counter()
-        decode(model, features, length, use_cache)
+        decode(model, features, length, use_cache, num_beams)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -108,6 +108,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="correctness check on a tiny model, no timing")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per generate call (default 1)")
+    parser.add_argument("--num-beams", type=int, default=1, help="1: greedy (default), else HF beam search")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,13 +117,14 @@ def main():
         if args.tiny:
             check(*build(TINY))
             return 0
-        model, features = build(MID_SIZE)
+        model, features = build(MID_SIZE, args.batch_size)
         check(model, features)
-        print(f"\ngreedy decoding of one caption, CPU, {torch.get_num_threads()} threads, seconds per caption")
+        search = "greedy decoding" if args.num_beams == 1 else f"beam search ({args.num_beams} beams)"
+        print(f"\n{search} of {args.batch_size} caption(s), CPU, {torch.get_num_threads()} threads, seconds per call")
         print(f"{'tokens':>6}  {'uncached':>9}  {'cached':>9}  {'speed-up':>8}")
         for length in LENGTHS:
-            uncached = best_time(model, features, length, use_cache=False)
-            cached = best_time(model, features, length, use_cache=True)
+            uncached = best_time(model, features, length, False, args.num_beams)
+            cached = best_time(model, features, length, True, args.num_beams)
             print(f"{length:>6}  {uncached:>9.4f}  {cached:>9.4f}  {uncached / cached:>7.1f}x")
     return 0
 

@@ -124,17 +124,19 @@ Eb + Bias; `cross_keys`, `cross_values` (B, H, N, d / H) the cross-attention's p
 class ExpansionNetV2DecoderState:
     """
     The decoder's state between decoding steps, which `generate` carries as the cache: named tensors with the batch
-    first (what each holds is the decoder's business; here h_t `hidden` and c_t `cell` (B, H), and the constant
-    `projected_features` = encoder_att(a), (B, N, A)) and the number of tokens consumed. Registered as a pytree node,
-    so that `torch.export` can take and return it.
+    first (what each holds is the decoder's business) and the number of tokens consumed. `static` names the tensors
+    that are the same for every beam of an image (e.g. projections of the image features): beam search only ever
+    reorders an image's own beams, so `reorder_cache` leaves them alone instead of copying them every step. Registered
+    as a pytree node, so that `torch.export` can take and return it.
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, tensors: dict, seq_length: int = 0):
+    def __init__(self, tensors: dict, seq_length: int = 0, static=()):
         self.tensors = dict(tensors)
         self.seq_length = seq_length
+        self.static = frozenset(static)
 
     def __getitem__(self, name):
         return self.tensors[name]
@@ -147,8 +149,9 @@ class ExpansionNetV2DecoderState:
         self.tensors = {name: value.index_select(0, indices.to(value.device)) for name, value in self.tensors.items()}
 
     def reorder_cache(self, beam_idx):
-        """Called by beam search after each step: row i continues from row `beam_idx[i]`."""
-        self.batch_select_indices(beam_idx)
+        """Called by beam search after each step: row i continues from row `beam_idx[i]`, a beam of the same image."""
+        self.tensors = {name: value if name in self.static else value.index_select(0, beam_idx.to(value.device))
+                        for name, value in self.tensors.items()}
 
     def batch_repeat_interleave(self, repeats):
         """Repeats every batch row `repeats` times, in place (e.g. several continuations of one prefix)."""
@@ -156,17 +159,16 @@ class ExpansionNetV2DecoderState:
 
     def tree_flatten(self):
         """As a pytree node: the tensors, and the context to rebuild the state around them."""
-        return list(self.tensors.values()), (list(self.tensors), self.seq_length)
+        return list(self.tensors.values()), (list(self.tensors), self.seq_length, sorted(self.static))
 
     def tree_flatten_with_keys(self):
-        return [(_pytree.MappingKey(name), value) for name, value in self.tensors.items()], (
-            list(self.tensors), self.seq_length
-        )
+        values, context = self.tree_flatten()
+        return [(_pytree.MappingKey(name), value) for name, value in zip(context[0], values)], context
 
     @classmethod
     def tree_unflatten(cls, values, context):
-        names, seq_length = context
-        return cls(dict(zip(names, values)), seq_length)
+        names, seq_length, static = context
+        return cls(dict(zip(names, values)), seq_length, static)
 
 
 _pytree.register_pytree_node(
@@ -749,7 +751,9 @@ class ExpansionNetV2Decoder(nn.Module):
             if output_hidden_states:
                 hidden_states.append(y)
         y = self.reduce_norm(y + self.reduce_dropout(self.reduce_group(torch.cat(layer_outputs, dim=-1))))  # §5
-        new_state = ExpansionNetV2DecoderState(cache, total_length) if use_cache else None
+        # The cross-attention projections are the image's, the same for all its beams: beam search need not reorder them.
+        static = {f"{index}.{name}" for index in range(len(self.layers)) for name in ("cross_keys", "cross_values")}
+        new_state = ExpansionNetV2DecoderState(cache, total_length, static) if use_cache else None
         return y, tuple(cross_attentions), tuple(hidden_states) if output_hidden_states else None, new_state
 
 

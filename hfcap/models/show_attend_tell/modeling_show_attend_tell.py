@@ -117,17 +117,19 @@ class ShowAttendTellBeamSearchOutput(ModelOutput):
 class ShowAttendTellDecoderState:
     """
     The decoder's state between decoding steps, which `generate` carries as the cache: named tensors with the batch
-    first (what each holds is the decoder's business; here h_t `hidden` and c_t `cell` (B, H), and the constant
-    `projected_features` = encoder_att(a), (B, N, A)) and the number of tokens consumed. Registered as a pytree node,
-    so that `torch.export` can take and return it.
+    first (what each holds is the decoder's business) and the number of tokens consumed. `static` names the tensors
+    that are the same for every beam of an image (e.g. projections of the image features): beam search only ever
+    reorders an image's own beams, so `reorder_cache` leaves them alone instead of copying them every step. Registered
+    as a pytree node, so that `torch.export` can take and return it.
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, tensors: dict, seq_length: int = 0):
+    def __init__(self, tensors: dict, seq_length: int = 0, static=()):
         self.tensors = dict(tensors)
         self.seq_length = seq_length
+        self.static = frozenset(static)
 
     def __getitem__(self, name):
         return self.tensors[name]
@@ -140,8 +142,9 @@ class ShowAttendTellDecoderState:
         self.tensors = {name: value.index_select(0, indices.to(value.device)) for name, value in self.tensors.items()}
 
     def reorder_cache(self, beam_idx):
-        """Called by beam search after each step: row i continues from row `beam_idx[i]`."""
-        self.batch_select_indices(beam_idx)
+        """Called by beam search after each step: row i continues from row `beam_idx[i]`, a beam of the same image."""
+        self.tensors = {name: value if name in self.static else value.index_select(0, beam_idx.to(value.device))
+                        for name, value in self.tensors.items()}
 
     def batch_repeat_interleave(self, repeats):
         """Repeats every batch row `repeats` times, in place (e.g. several continuations of one prefix)."""
@@ -149,17 +152,16 @@ class ShowAttendTellDecoderState:
 
     def tree_flatten(self):
         """As a pytree node: the tensors, and the context to rebuild the state around them."""
-        return list(self.tensors.values()), (list(self.tensors), self.seq_length)
+        return list(self.tensors.values()), (list(self.tensors), self.seq_length, sorted(self.static))
 
     def tree_flatten_with_keys(self):
-        return [(_pytree.MappingKey(name), value) for name, value in self.tensors.items()], (
-            list(self.tensors), self.seq_length
-        )
+        values, context = self.tree_flatten()
+        return [(_pytree.MappingKey(name), value) for name, value in zip(context[0], values)], context
 
     @classmethod
     def tree_unflatten(cls, values, context):
-        names, seq_length = context
-        return cls(dict(zip(names, values)), seq_length)
+        names, seq_length, static = context
+        return cls(dict(zip(names, values)), seq_length, static)
 
 
 _pytree.register_pytree_node(
@@ -451,7 +453,7 @@ class ShowAttendTellDecoder(nn.Module):
             "hidden": self.init_h(mean_features),
             "cell": self.init_c(mean_features),
             "projected_features": self.attention.encoder_att(encoder_hidden_states),
-        })
+        }, static={"projected_features"})
 
     def step(self, embeddings, state, encoder_hidden_states, encoder_attention_mask, sample_attention):
         """
@@ -478,7 +480,8 @@ class ShowAttendTellDecoder(nn.Module):
         context = torch.sigmoid(self.f_beta(state["hidden"])) * context  # Eq. 6, phi = beta_t * context (§4.2.1)
         hidden, cell = self.decode_step(torch.cat([embeddings, context], dim=1), (state["hidden"], state["cell"]))  # Eq. 1-3
         next_state = ShowAttendTellDecoderState(
-            {"hidden": hidden, "cell": cell, "projected_features": state["projected_features"]}, state.seq_length + 1
+            {"hidden": hidden, "cell": cell, "projected_features": state["projected_features"]}, state.seq_length + 1,
+            state.static,
         )
         return alpha, location, context, next_state
 
