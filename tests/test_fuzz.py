@@ -272,7 +272,10 @@ def _bad_visual_inputs(tester, rng):
     return cases
 
 
-def test_models_refuse_bad_visual_inputs(tester, rng):
+@pytest.mark.parametrize("draw", range(3))
+def test_models_refuse_bad_visual_inputs(tester, draw):
+    """Three seeded draws of every family (where the bad value sits, how wide a wrong width is, ...)."""
+    rng = np.random.default_rng(SEED + draw)
     model = tester.model()
     ids = torch.full((2, 1), model.config.decoder_start_token_id)
     for kwargs, name in _bad_visual_inputs(tester, rng):
@@ -282,7 +285,9 @@ def test_models_refuse_bad_visual_inputs(tester, rng):
                                        custom_generate=reference_beam_search), name)
 
 
-def test_models_refuse_bad_token_ids_and_settings(tester, rng):
+@pytest.mark.parametrize("draw", range(3))
+def test_models_refuse_bad_token_ids_and_settings(tester, draw):
+    rng = np.random.default_rng(SEED + draw)
     model = tester.model()
     features = tester.feature_inputs()["visual_features"]
     vocab = model.config.vocab_size
@@ -316,7 +321,14 @@ def test_every_subcommand_answers_bad_input_with_one_line(captioner_dir, tmp_pat
     (tmp_path / "bad.yaml").write_text("stages: [{name: xe, lr: fast}]")
     unwritable = tmp_path / "existing_file"  # a file where a folder must go: unwritable even for root
     sat = SAT_FIXTURES / "small"
+    features_only = tmp_path / "features_only"
+    model, processor = load_captioner(captioner_dir)
+    model.config.use_backbone = False
+    type(model)(model.config).save_pretrained(features_only)
+    processor.save_pretrained(features_only)
+    capsys.readouterr()  # the set-up's progress bars
     cases = [
+        ["caption", str(image), "--model", str(features_only)],  # a model without a backbone cannot take images
         ["caption", str(image), "--model", str(tmp_path / "absent")],
         ["caption", str(tmp_path / "absent.png"), "--model", str(captioner_dir)],
         ["caption", str(image), "--model", str(captioner_dir), "--max-new-tokens", str(10**9)],
