@@ -1,5 +1,8 @@
 """Sharing on the Hub: model cards (template, metadata, model-index from metrics.json, provenance), `hfcap push` errors,
-and push -> pull round trips against the fake Hub (`hfcap push`, `model.push_to_hub`, `processor.push_to_hub`)."""
+and push -> pull round trips against the fake Hub (`hfcap push`, `model.push_to_hub`, `processor.push_to_hub`).
+
+The fake-Hub round trip (a subprocess) runs on M² from pixels (the expensive end-to-end tests rotate between the
+architectures); the card tests use a tiny Show-Attend-Tell and the cards of all three."""
 
 import json
 import os
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import save_images, save_tiny_captioner
 from hub_server import USER, FakeHub
+from model_testers import M2TransformerPixelsTester
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -26,7 +30,7 @@ METRICS = {"BLEU-1": 0.7012, "BLEU-2": 0.5321, "BLEU-3": 0.3903, "BLEU-4": 0.284
            "ROUGE-L": 0.5233, "CIDEr-D": 0.9118}
 SUMMARY = {"split": "test", "num_images": 500, "generate_kwargs": {"num_beams": 3}, "protocol": "coco",
            "metrics": METRICS}
-PUSHED_NAME, MIXIN_REPO, STALE_REPO = "sat-tiny", "hfcap-test/sat-tiny-mixin", "hfcap-test/sat-sharded"
+PUSHED_NAME, MIXIN_REPO, STALE_REPO = "m2-tiny", "hfcap-test/m2-tiny-mixin", "hfcap-test/m2-sharded"
 PUSHED_REPO = f"{USER}/{PUSHED_NAME}"  # pushed without a namespace: the token's user
 STALE_FILES = {  # an earlier, sharded upload in STALE_REPO
     ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
@@ -79,6 +83,17 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pushed_dir(tmp_path_factory):
+    """The M² (pixels, timm test_resnet) that the round trip pushes: trained to caption two images, with its
+    processor."""
+    directory = tmp_path_factory.mktemp("hub") / "m2"
+    tester = M2TransformerPixelsTester()
+    tester.captioner().save_pretrained(directory)
+    tester.processor().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def metrics_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "metrics.json"
     path.write_text(json.dumps(SUMMARY))
@@ -86,7 +101,7 @@ def metrics_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def round_trip(model_dir, metrics_file, tmp_path_factory):
+def round_trip(pushed_dir, metrics_file, tmp_path_factory):
     """Run HUB_SCRIPT against a fresh fake Hub; returns (its JSON result, the Hub's repos, the image path)."""
     home = tmp_path_factory.mktemp("hub-home")
     image = save_images(home)[0]
@@ -98,7 +113,7 @@ def round_trip(model_dir, metrics_file, tmp_path_factory):
             "OMP_NUM_THREADS": "1",
         }
         process = subprocess.run(
-            [sys.executable, "-c", HUB_SCRIPT, str(model_dir), str(metrics_file), str(image)],
+            [sys.executable, "-c", HUB_SCRIPT, str(pushed_dir), str(metrics_file), str(image)],
             cwd=home, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
         )
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
@@ -107,9 +122,9 @@ def round_trip(model_dir, metrics_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_tokens(model_dir, round_trip):
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    inputs = AutoProcessor.from_pretrained(model_dir)(images=Image.open(round_trip[2]))
+def local_tokens(pushed_dir, round_trip):
+    model = AutoModelForImageTextToText.from_pretrained(pushed_dir).eval()
+    inputs = AutoProcessor.from_pretrained(pushed_dir)(images=Image.open(round_trip[2]))
     return {"beam": model.generate(**inputs).tolist(),
             "greedy": model.generate(**inputs, num_beams=1, max_new_tokens=5).tolist()}
 
@@ -125,11 +140,11 @@ def test_hfcap_push_makes_one_commit_with_model_processor_code_and_card(round_tr
     initial, pushed = repo.commits  # the Hub's initial commit, then exactly one commit for the push
     assert set(pushed.files) - set(initial.files) == {
         "config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "configuration_show_attend_tell.py", "modeling_show_attend_tell.py",
+        "tokenizer_config.json", "configuration_m2_transformer.py", "modeling_m2_transformer.py",
         "processing_captioning.py", "hfcap_provenance.json", "README.md",
     }
     generation = json.loads(pushed.files["generation_config.json"])
-    assert (generation["num_beams"], generation["max_new_tokens"]) == (5, 51)
+    assert (generation["num_beams"], generation["max_new_tokens"]) == (5, 20)
     provenance = json.loads(pushed.files["hfcap_provenance.json"])
     assert provenance["weights"] == "trained" and provenance["dataset"] == "hfcap scenes"
 
@@ -139,7 +154,7 @@ def test_push_to_an_existing_repo_replaces_the_model_files(round_trip):
     assert result["stale_push_rc"] == 0
     seeded, pushed = repos[STALE_REPO].commits
     assert not repos[STALE_REPO].private
-    assert {"model.safetensors", "modeling_show_attend_tell.py", ".gitattributes", "notes.txt"} <= set(pushed.files)
+    assert {"model.safetensors", "modeling_m2_transformer.py", ".gitattributes", "notes.txt"} <= set(pushed.files)
     assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json"} & set(pushed.files)
     assert pushed.files["README.md"].startswith(b"---\n") and b"Converted from" in pushed.files["README.md"]
 
@@ -153,26 +168,26 @@ def test_pushed_card_round_trips_metadata_and_metrics(round_trip):
     metadata = card["metadata"]
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "image-text-to-text"
-    assert {"image-captioning", "hfcap", "show-attend-tell"} <= set(metadata["tags"])
+    assert {"image-captioning", "hfcap", "m2-transformer"} <= set(metadata["tags"])
     assert metadata["license"] == "apache-2.0"
     assert sorted(metadata["metrics"]) == ["bleu", "cider", "meteor", "rouge"]
     assert {name: value for name, _, value, _, _ in card["eval_results"]} == METRICS
     assert {(dataset, split) for *_, dataset, split in card["eval_results"]} == {("hfcap scenes", "test")}
     assert "Trained by hfcap" in card["text"] and "XE, 2 epochs" in card["text"]
     assert "| 0.2845 |" in card["text"]  # hfcap's BLEU-4 in the measured table
-    assert "| soft | 70.7 |" in card["text"]  # the paper's table, outside the model-index
+    assert "| paper, single model | 80.8 |" in card["text"]  # the authors' table, outside the model-index
     assert f'pipeline("image-to-text", model="{PUSHED_REPO}")' in card["text"]
 
 
-def test_pipeline_from_repo_id(round_trip, model_dir):
+def test_pipeline_from_repo_id(round_trip, pushed_dir):
     result, _, image = round_trip
-    assert result["pipeline"] == pipeline("image-to-text", model=str(model_dir))(str(image))
+    assert result["pipeline"] == pipeline("image-to-text", model=str(pushed_dir))(str(image))
 
 
 def test_model_and_processor_push_to_hub(round_trip, local_tokens):
     result, repos, _ = round_trip
     files = repos[MIXIN_REPO].commits[-1].files
-    assert {"modeling_show_attend_tell.py", "processing_captioning.py", "processor_config.json"} <= set(files)
+    assert {"modeling_m2_transformer.py", "processing_captioning.py", "processor_config.json"} <= set(files)
     assert result["mixin"] == local_tokens
 
 

@@ -1,6 +1,11 @@
 """Saved hfcap models are Hub remote code: in a Python process where hfcap cannot be imported, the Auto classes (with
 `trust_remote_code=True`), `generate` and transformers' pipeline load them from a local directory and from a (fake)
-Hub repository and reproduce hfcap's outputs."""
+Hub repository and reproduce hfcap's outputs.
+
+This end-to-end subprocess test runs on one architecture, ExpansionNet v2 (the expensive end-to-end tests rotate:
+training resume and two processes on Show-Attend-Tell, the fake-Hub push on M²); the shared model suite checks every
+architecture's save/load in process, and tests/test_copies.py that every model folder carries the compat copies its
+remote code needs."""
 
 import json
 import os
@@ -10,21 +15,22 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import save_images, save_tiny_captioner
+from conftest import save_images
 from hub_server import FakeHub
+from model_testers import ExpansionNetV2Tester
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import hfcap
 
-REPO_ID = "hfcap-test/show-attend-tell-tiny"
+REPO_ID = "hfcap-test/expansionnet-v2-tiny"
 HFCAP = Path(hfcap.__file__).parent
 SOURCES = {  # file in the saved repo -> the hfcap source it must be an exact copy of
-    "configuration_show_attend_tell.py": HFCAP / "models/show_attend_tell/configuration_show_attend_tell.py",
-    "modeling_show_attend_tell.py": HFCAP / "models/show_attend_tell/modeling_show_attend_tell.py",
+    "configuration_expansionnet_v2.py": HFCAP / "models/expansionnet_v2/configuration_expansionnet_v2.py",
+    "modeling_expansionnet_v2.py": HFCAP / "models/expansionnet_v2/modeling_expansionnet_v2.py",
     "processing_captioning.py": HFCAP / "processing/processing_captioning.py",
 }
-MODEL_CLASS = "modeling_show_attend_tell.ShowAttendTellForConditionalGeneration"
+MODEL_CLASS = "modeling_expansionnet_v2.ExpansionNetV2ForConditionalGeneration"
 
 # Runs in the clean process: argv = model directory, repo id, image path. Prints one JSON line.
 CLEAN_PROCESS_SCRIPT = r"""
@@ -62,9 +68,13 @@ print("\nRESULT " + json.dumps(result))
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny model + processor saved by hfcap, and an image."""
+    """A tiny ExpansionNet v2 (a 32 px Swin) trained to caption two images, saved by hfcap with its processor, and an
+    image."""
     root = tmp_path_factory.mktemp("remote")
-    return save_tiny_captioner(root / "model"), save_images(root)[0]
+    tester = ExpansionNetV2Tester()
+    tester.captioner().save_pretrained(root / "model")
+    tester.processor().save_pretrained(root / "model")
+    return root / "model", save_images(root)[0]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,7 @@ def test_saved_directory_carries_the_real_source_files(saved):
 def test_saved_directory_maps_every_auto_class(saved):
     model_dir, _ = saved
     assert json.loads((model_dir / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "configuration_show_attend_tell.ShowAttendTellConfig",
+        "AutoConfig": "configuration_expansionnet_v2.ExpansionNetV2Config",
         "AutoModel": MODEL_CLASS,
         "AutoModelForImageTextToText": MODEL_CLASS,
     }
@@ -131,7 +141,7 @@ def test_remote_code_loads_and_generates_like_hfcap(clean_process, expected, sou
     result = clean_process[source]
     assert "trust_remote_code" in result["without_trust_remote_code"]
     config_class, model_class, processor_class = result["classes"]
-    assert config_class.startswith("transformers_modules.") and config_class.endswith(".ShowAttendTellConfig")
+    assert config_class.startswith("transformers_modules.") and config_class.endswith(".ExpansionNetV2Config")
     assert model_class.startswith("transformers_modules.") and model_class.endswith(MODEL_CLASS)
     assert processor_class.startswith("transformers_modules.") and processor_class.endswith(".CaptioningProcessor")
     assert result["beam"] == expected["beam"]
@@ -141,4 +151,4 @@ def test_remote_code_loads_and_generates_like_hfcap(clean_process, expected, sou
 
 @pytest.mark.parametrize("source", ["dir", "repo"])
 def test_remote_code_automodel(clean_process, source):
-    assert clean_process[source]["auto_model_class"] == "ShowAttendTellForConditionalGeneration"
+    assert clean_process[source]["auto_model_class"] == "ExpansionNetV2ForConditionalGeneration"
