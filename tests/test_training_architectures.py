@@ -115,5 +115,11 @@ def test_m2_on_region_features_imported_from_hdf5(tmp_path, scenes, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "run" / "model"), "--output", str(tmp_path / "eval"),
                  "--visual-features", str(tmp_path / "regions"), "--cider-only", "--max-new-tokens", "8",
-                 *data_flags]) == 0
-    assert len(json.loads((tmp_path / "eval" / "captions_test_results.json").read_text())) == 8
+                 "--remove-consecutive-duplicates", *data_flags]) == 0
+    results = json.loads((tmp_path / "eval" / "captions_test_results.json").read_text())
+    assert len(results) == 8
+    for result in results:  # the authors' post-processing: no word repeated right after itself
+        words = result["caption"].split()
+        assert all(first != second for first, second in zip(words, words[1:])), result
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["postprocessing"] == "remove_consecutive_duplicate_words"

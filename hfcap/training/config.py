@@ -156,7 +156,8 @@ class EvalConfig:
 
     ``full_metrics`` (test only): the COCO metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE when available; needs
     Java), or ``False`` for corpus CIDEr-D alone. Validation always uses CIDEr-D alone. ``generate_kwargs``: further
-    ``generate`` arguments (e.g. ``length_penalty``); ``reference_beam_search``: decode with the authors' beam search.
+    ``generate`` arguments (e.g. ``length_penalty``); ``reference_beam_search``: decode with the authors' beam search;
+    ``remove_consecutive_duplicates``: M²'s evaluation post-processing of the captions before scoring.
     The test decoding also becomes the saved model's ``generation_config``.
     """
 
@@ -167,6 +168,7 @@ class EvalConfig:
     full_metrics: bool = True
     generate_kwargs: dict[str, typing.Any] = field(default_factory=dict)
     reference_beam_search: bool = False
+    remove_consecutive_duplicates: bool = False
 
 
 @dataclass

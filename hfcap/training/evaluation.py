@@ -114,10 +114,17 @@ def score_captions(predictions: dict[int, str], references: dict[int, list[str]]
 
 def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_size: int = 32,
                        generate_kwargs: dict | None = None, output_dir=None, split: str = "test",
-                       full_metrics: bool = True, features_dir=None) -> dict[str, float]:
-    """Caption ``dataset`` (columns ``image``, ``captions``, ``image_id``) and score it; see the module doc."""
+                       full_metrics: bool = True, features_dir=None,
+                       remove_consecutive_duplicates: bool = False) -> dict[str, float]:
+    """Caption ``dataset`` (columns ``image``, ``captions``, ``image_id``) and score it; see the module doc.
+    ``remove_consecutive_duplicates``: M²'s evaluation post-processing ("a a man" -> "a man") before scoring, for
+    comparisons with its published numbers (recorded in metrics.json)."""
     predictions = generate_captions(model, processor, dataset, accelerator=accelerator, batch_size=batch_size,
                                     generate_kwargs=generate_kwargs, features_dir=features_dir)
+    if remove_consecutive_duplicates:
+        from hfcap.models.m2_transformer.modeling_m2_transformer import remove_consecutive_duplicate_words
+
+        predictions = {image_id: remove_consecutive_duplicate_words(caption) for image_id, caption in predictions.items()}
     is_main = accelerator is None or accelerator.is_main_process
     metrics = None
     if is_main:
@@ -125,7 +132,7 @@ def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_siz
         metrics = score_captions(predictions, references, full_metrics=full_metrics)
         if output_dir is not None:
             write_results(output_dir, split, predictions, metrics, generate_kwargs or {},
-                          protocol=PROTOCOLS[full_metrics])
+                          protocol=PROTOCOLS[full_metrics], remove_consecutive_duplicates=remove_consecutive_duplicates)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -134,7 +141,7 @@ def evaluate_captioner(model, processor, dataset, *, accelerator=None, batch_siz
 
 
 def write_results(output_dir, split: str, predictions: dict[int, str], metrics: dict[str, float],
-                  generate_kwargs: dict, *, protocol: str) -> Path:
+                  generate_kwargs: dict, *, protocol: str, remove_consecutive_duplicates: bool = False) -> Path:
     """Write ``metrics.json``, ``metrics.md`` and ``captions_<split>_results.json`` into ``output_dir``;
     ``protocol`` (a value of ``PROTOCOLS``) says how ``metrics`` were computed."""
     from hfcap.metrics import format_metrics_table
@@ -147,6 +154,8 @@ def write_results(output_dir, split: str, predictions: dict[int, str], metrics: 
                 getattr(value, "__name__", repr(value)) for key, value in generate_kwargs.items()}
     summary = {"split": split, "num_images": len(predictions), "generate_kwargs": settings, "protocol": protocol,
                "metrics": metrics}
+    if remove_consecutive_duplicates:
+        summary["postprocessing"] = "remove_consecutive_duplicate_words"
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "metrics.md").write_text(format_metrics_table({split: metrics}) + "\n")
     return output_dir
@@ -167,6 +176,8 @@ def configure_parser(parser):
     parser.add_argument("--batch-size", type=_positive_int, default=32,
                         help="Images per generate call and process (default: 32).")
     parser.add_argument("--max-images", type=_positive_int, help="Evaluate only the first N images of the split.")
+    parser.add_argument("--remove-consecutive-duplicates", action="store_true",
+                        help="M2's evaluation post-processing: drop repeated consecutive words before scoring")
     parser.add_argument("--cider-only", action="store_true",
                         help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer); metrics.json records "
                              "protocol 'cider-d-only' instead of 'coco'.")
@@ -209,7 +220,8 @@ def run(args) -> int:
     metrics = evaluate_captioner(model, processor, dataset, accelerator=accelerator, batch_size=args.batch_size,
                                  generate_kwargs=generate_kwargs_from_args(args), output_dir=args.output,
                                  split=args.split, full_metrics=not args.cider_only,
-                                 features_dir=args.visual_features)
+                                 features_dir=args.visual_features,
+                                 remove_consecutive_duplicates=args.remove_consecutive_duplicates)
     if accelerator.is_main_process:
         print(format_metrics_table({args.split: metrics}))
         print(f"Wrote metrics.json, metrics.md and captions_{args.split}_results.json to {args.output}")

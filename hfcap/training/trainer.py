@@ -481,6 +481,7 @@ class Trainer:
             val = val.select(range(min(settings.max_images, len(val))))
         metrics = evaluate_captioner(model, self.processor, val, accelerator=acc, batch_size=settings.batch_size,
                                      features_dir=self.config.data.visual_features_dir,
+                                     remove_consecutive_duplicates=settings.remove_consecutive_duplicates,
                                      generate_kwargs=generate_kwargs_of(settings), full_metrics=False)
         score = metrics["CIDEr-D"]
         state.last_validation_step = state.step
@@ -555,6 +556,7 @@ class Trainer:
             rows[stage.name] = evaluate_captioner(
                 self.model, self.processor, dataset, accelerator=acc, batch_size=config.test.batch_size,
                 features_dir=config.data.visual_features_dir,
+                remove_consecutive_duplicates=config.test.remove_consecutive_duplicates,
                 generate_kwargs=generate_kwargs_of(config.test), output_dir=self.output_dir / split / stage.name,
                 split=split, full_metrics=config.test.full_metrics)
         self.timings["test_seconds"] = round(time.perf_counter() - start, 1)
