@@ -45,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def int_at_least(minimum: int):
+    """argparse type of the integer flags of every subcommand: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
 def exit_code(error: BaseException) -> int | None:
     """The exit status for `error`, or None for an unexpected kind (a bug: its traceback is shown)."""
     return next((code for kinds, code in EXIT_CODES if isinstance(error, kinds)), None)

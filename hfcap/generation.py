@@ -42,19 +42,10 @@ def eos_mask(tokens, eos_token_id):
 
 def add_generation_arguments(parser) -> None:
     """The decoding flags of `hfcap caption` and `hfcap evaluate` (read back by `generate_kwargs_from_args`)."""
-    from argparse import ArgumentTypeError
+    from hfcap.cli import int_at_least
 
-    def positive_int(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-        if value < 1:
-            raise ArgumentTypeError(f"must be a positive integer, got {value}")
-        return value
-
-    parser.add_argument("--num-beams", type=positive_int, help="beam size (default: the model's generation_config)")
-    parser.add_argument("--max-new-tokens", type=positive_int,
+    parser.add_argument("--num-beams", type=int_at_least(1), help="beam size (default: the model's generation_config)")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1),
                         help="caption length limit (default: the model's generation_config)")
     parser.add_argument("--reference-beam-search", action="store_true",
                         help="decode with the authors' own beam search (hfcap.reference_beam_search) instead of "

@@ -7,26 +7,12 @@
         `data.visual_features_dir` / `hfcap evaluate --visual-features`
 """
 
-import argparse
 import json
 import time
 
+from hfcap.cli import int_at_least
+
 from .sources import add_data_arguments, data_source_from_args, load_data_source
-
-
-def _count(minimum: int):
-    """argparse type: an integer >= minimum."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def configure_parser(parser):
@@ -35,21 +21,23 @@ def configure_parser(parser):
 
     scenes = sub.add_parser("scenes", help="Generate the procedural scenes dataset (PNGs + Karpathy JSON).")
     scenes.add_argument("--output", required=True, help="Output folder.")
-    scenes.add_argument("--train", type=_count(1), default=10000, help="Number of training images (default 10000).")
-    scenes.add_argument("--val", type=_count(0), default=500, help="Number of validation images (default 500).")
-    scenes.add_argument("--test", type=_count(0), default=500, help="Number of test images (default 500).")
+    scenes.add_argument("--train", type=int_at_least(1), default=10000,
+                        help="Number of training images (default 10000).")
+    scenes.add_argument("--val", type=int_at_least(0), default=500, help="Number of validation images (default 500).")
+    scenes.add_argument("--test", type=int_at_least(0), default=500, help="Number of test images (default 500).")
     scenes.add_argument("--seed", type=int, default=0, help="Random seed; the same seed gives identical files.")
-    scenes.add_argument("--image-size", type=_count(16), default=224, help="Image side in pixels (default 224).")
-    scenes.add_argument("--workers", type=_count(1), default=2, help="Worker processes (default 2).")
+    scenes.add_argument("--image-size", type=int_at_least(16), default=224, help="Image side in pixels (default 224).")
+    scenes.add_argument("--workers", type=int_at_least(1), default=2, help="Worker processes (default 2).")
 
     inspect = sub.add_parser("inspect", help="Load a dataset, validate it, print split sizes and example captions.")
     add_data_arguments(inspect, coco_split="an 'all'")
-    inspect.add_argument("--examples", type=_count(0), default=3, help="Captions to print per split (default 3).")
+    inspect.add_argument("--examples", type=int_at_least(0), default=3,
+                         help="Captions to print per split (default 3).")
 
     regions = sub.add_parser("regions", help="Import bottom-up region features (HDF5, M²'s format) as a feature cache.")
     regions.add_argument("--hdf5", required=True, help="The authors' features file ('<image_id>_features' datasets).")
     regions.add_argument("--output", required=True, help="Feature cache folder to write.")
-    regions.add_argument("--max-regions", type=_count(1), default=50,
+    regions.add_argument("--max-regions", type=int_at_least(1), default=50,
                          help="Keep the first N regions of each image in stored order (default 50, the authors').")
     add_data_arguments(regions, coco_split="an 'all'")
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from hfcap.cli import int_at_least
 from hfcap.generation import eos_mask
 
 from .data import make_collate
@@ -173,22 +174,14 @@ def configure_parser(parser):
     add_generation_arguments(parser)
     parser.add_argument("--visual-features", metavar="DIR", help="caption from this feature cache (e.g. M2's region "
                         "features, `hfcap data regions`) instead of the images")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32,
                         help="Images per generate call and process (default: 32).")
-    parser.add_argument("--max-images", type=_positive_int, help="Evaluate only the first N images of the split.")
+    parser.add_argument("--max-images", type=int_at_least(1), help="Evaluate only the first N images of the split.")
     parser.add_argument("--remove-consecutive-duplicates", action="store_true",
                         help="M2's evaluation post-processing: drop repeated consecutive words before scoring")
     parser.add_argument("--cider-only", action="store_true",
                         help="Fast mode: corpus CIDEr-D only (no Java, no PTB tokenizer); metrics.json records "
                              "protocol 'cider-d-only' instead of 'coco'.")
-
-
-def _positive_int(text: str) -> int:
-    from argparse import ArgumentTypeError
-
-    if not text.isdigit() or int(text) < 1:
-        raise ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def load_evaluation_split(args):
