@@ -160,6 +160,20 @@ def create_timm_backbone(config, **timm_kwargs):
     return backbone
 
 
+# Copied from hfcap.models.show_attend_tell.modeling_show_attend_tell.create_feature_map_backbone
+def create_feature_map_backbone(config):
+    """`create_timm_backbone` returning only the last feature map, whose channels must be `config.visual_feature_dim`."""
+    backbone = create_timm_backbone(config, features_only=True, out_indices=(-1,))
+    channels = backbone.feature_info.channels()[-1]
+    if channels != config.visual_feature_dim:
+        raise ValueError(
+            f"The last feature map of backbone {config.backbone!r} has {channels} channels but "
+            f"`visual_feature_dim={config.visual_feature_dim}`; set `visual_feature_dim={channels}` or choose "
+            "another backbone."
+        )
+    return backbone
+
+
 # Copied from hfcap.models.show_attend_tell.modeling_show_attend_tell.init_timm_module
 def init_timm_module(module):
     """
@@ -396,14 +410,7 @@ class M2TransformerEncoder(nn.Module):
         self.num_channels = (config.backbone_kwargs or {}).get("in_chans", 3)
         self.backbone = None
         if config.use_backbone:
-            self.backbone = create_timm_backbone(config, features_only=True, out_indices=(-1,))
-            channels = self.backbone.feature_info.channels()[-1]
-            if channels != config.visual_feature_dim:
-                raise ValueError(
-                    f"The last feature map of backbone {config.backbone!r} has {channels} channels but "
-                    f"`visual_feature_dim={config.visual_feature_dim}`; set `visual_feature_dim={channels}` or choose "
-                    "another backbone."
-                )
+            self.backbone = create_feature_map_backbone(config)
         self.fc = nn.Linear(config.visual_feature_dim, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.layer_norm = nn.LayerNorm(config.d_model)

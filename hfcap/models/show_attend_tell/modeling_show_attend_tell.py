@@ -208,6 +208,19 @@ def create_timm_backbone(config, **timm_kwargs):
     return backbone
 
 
+def create_feature_map_backbone(config):
+    """`create_timm_backbone` returning only the last feature map, whose channels must be `config.visual_feature_dim`."""
+    backbone = create_timm_backbone(config, features_only=True, out_indices=(-1,))
+    channels = backbone.feature_info.channels()[-1]
+    if channels != config.visual_feature_dim:
+        raise ValueError(
+            f"The last feature map of backbone {config.backbone!r} has {channels} channels but "
+            f"`visual_feature_dim={config.visual_feature_dim}`; set `visual_feature_dim={channels}` or choose "
+            "another backbone."
+        )
+    return backbone
+
+
 def init_timm_module(module):
     """
     Initialises one module of a timm backbone for `_init_weights`: its parameters and persistent buffers unless all
@@ -317,14 +330,7 @@ class ShowAttendTellEncoder(nn.Module):
         self.num_channels = (config.backbone_kwargs or {}).get("in_chans", 3)
         self.backbone = None
         if config.use_backbone:
-            self.backbone = create_timm_backbone(config, features_only=True, out_indices=(-1,))
-            channels = self.backbone.feature_info.channels()[-1]
-            if channels != config.visual_feature_dim:
-                raise ValueError(
-                    f"The last feature map of backbone {config.backbone!r} has {channels} channels but "
-                    f"`visual_feature_dim={config.visual_feature_dim}`; set `visual_feature_dim={channels}` or choose "
-                    "another backbone."
-                )
+            self.backbone = create_feature_map_backbone(config)
             self.adaptive_pool = nn.AdaptiveAvgPool2d((config.encoder_grid_size, config.encoder_grid_size))
 
     def forward_backbone(self, pixel_values):
