@@ -144,7 +144,7 @@ def build_model(config: TrainingConfig, processor):
     from hfcap.models import get_architecture
 
     if config.model.init_from:
-        model, saved_processor = load_captioner(config.model.init_from)
+        model = load_captioner(config.model.init_from)[0]
         if len(processor.tokenizer) > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(processor.tokenizer)} tokens but the model of "
                              f"{config.model.init_from} only {model.config.vocab_size}")
