@@ -1,6 +1,6 @@
 """Shared test helpers: tiny random Show-Attend-Tell models and their processors (in memory or saved as a model
 directory), small test images, and the tutorial-trained SAT of the reference fixtures. Plain functions; test modules
-import them (`from conftest import tiny_sat`).
+import them (`from conftest import tiny_sat`), and one fixture, `one_thread`.
 
 `HF_HUB_OFFLINE=1` is set first, before anything imports huggingface_hub (which reads it once, at import): no test
 reaches the Hub. Tests that run a fake Hub give their subprocess its own environment with `HF_HUB_OFFLINE=0`.
@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -26,6 +27,16 @@ from hfcap.processing import (  # noqa: E402
     make_image_processor,
     tokenizer_from_vocabulary,
 )
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): their
+    matrices gain nothing from threads, and on a shared 2-core machine thread synchronisation dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SAT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "reference" / "sat"
 """The Show-Attend-Tell reference cases made with the tutorial's own code (`small`, `small-b`)."""

@@ -32,13 +32,7 @@ RELEASED_VOCABULARY = SHARED / "real" / "expansionnet_v2_demo_coco_tokens.pickle
 P1_OVERRIDES = {"num_heads": 4, "static_expansion_groups": [2, 4, 8, 16, 32]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on two shared cores, OpenMP synchronisation would cost more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_checkpoint(path, model_state_dict):

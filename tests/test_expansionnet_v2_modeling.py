@@ -52,13 +52,7 @@ def tiny_model(seed=0, **overrides):
     return ExpansionNetV2ForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on two shared cores, OpenMP synchronisation would cost more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

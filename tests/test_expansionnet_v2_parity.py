@@ -30,13 +30,7 @@ SCORE_ATOL = 1e-5
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on two shared cores, OpenMP synchronisation would cost more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=CASES)

@@ -28,13 +28,7 @@ CAPTIONS = torch.tensor([[5, 6, EOS, -100, -100, -100, -100], [7, 8, 9, 10, EOS,
                          [11, 12, 13, 14, 15, 16, EOS]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads; on a shared 2-core machine thread synchronisation dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):

@@ -25,13 +25,7 @@ FP32_RTOL = 1e-5
 MAX_LEN = 20  # the authors' beam search and greedy length
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads; on a shared 2-core machine thread synchronisation dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["small", "small-b"])

@@ -28,13 +28,7 @@ PIXEL_TESTERS = [tester for tester in TESTERS if tester.has_pixels]
 WORD = 4  # the first word's id (every tester's vocabulary puts four special tokens first)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads; on a shared 2-core machine thread synchronisation dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=TESTERS, ids=str)
