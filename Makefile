@@ -16,7 +16,7 @@ TEST_ENV := OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1
 FLOOR_TESTS := tests/test_dependencies.py tests/test_copies.py tests/test_show_attend_tell.py \
 	tests/test_show_attend_tell_parity.py tests/test_generation.py tests/test_conversion.py tests/test_processor.py \
 	tests/test_tokenizer.py tests/test_pipeline.py tests/test_hub.py tests/test_remote_code.py tests/test_inference.py \
-	tests/test_data_loaders.py tests/test_training_distributed.py
+	tests/test_data_loaders.py tests/test_training_distributed.py tests/test_expansionnet_v2_modeling.py
 
 .PHONY: install install-floor train test test-floor lock bench
 

@@ -22,9 +22,12 @@ Sections (each prints a table; `--json PATH` gets every number, rewritten after 
               `get_image_features` computed once, as a feature cache does), `regions`. The split: `backbone` =
               `get_image_features`, `encoder` = `get_encoder()(visual_features=...)`, `decode` = generate with the
               precomputed `encoder_outputs`; `peak` = peak GPU memory of the pixels (else features) call. A summary
-              gives the bf16/fp32 ratios and says which bf16 mode is faster.
+              gives the bf16/fp32 ratios and says which bf16 mode is faster. ExpansionNet v2 decodes with
+              `--decoder-cache` (default `static`: `cache_implementation="static"`, its preallocated state whose
+              steps replay a CUDA graph; `dynamic`: the growing cache); the other models have the dynamic one only.
   (a) cache   decoding (from `encoder_outputs`) with and without the cache (`use_cache=False` recomputes the prefix at
-              every step), fp32, greedy and the largest beam; the tokens of the two are compared.
+              every step), fp32, greedy and the largest beam; the tokens of the two are compared. ExpansionNet v2
+              adds its static cache (CUDA-graph steps on a GPU).
   (b) peer    transformers' `VisionEncoderDecoderModel` of comparable size built from local configs (SwinConfig
               Swin-L/384 + a 3-layer 512-wide BERT decoder with cross-attention, 10,000 words, random weights), same
               settings; ratio = hfcap ExpansionNet v2 (pixels) images/s / peer images/s.
@@ -38,7 +41,13 @@ Sections (each prints a table; `--json PATH` gets every number, rewritten after 
   (e) reference  `hfcap.reference_beam_search` (each architecture's authors' search; SAT's decodes one image at a
               time, as the tutorial's) vs HF beam search, largest beam, from `encoder_outputs`, fp32, batch
               `--cache-batch-sizes`; `tokens` = new tokens it decoded (M²'s may end early: no bias to keep EOS out).
-Per model the order is: captioning grid, (c)'s FLOP count, (d), (a), (e); then (b), (c)'s table and the summary.
+  (f) profile  (`--profile`) ExpansionNet v2, bf16 weights, batch 256, beam 3, from pixels: GPU time per stage and the
+              top CUDA kernels.
+  (g) compile  (`--compile-backbone`) ExpansionNet v2, bf16 weights: the Swin backbone under
+              `torch.compile(mode="reduce-overhead")` (fused kernels, CUDA graphs) vs eager, alone and in a full
+              beam-3 `generate` from pixels, at each of `--compile-batch-sizes` (compile time printed).
+Per model the order is: captioning grid, (c)'s FLOP count, (d), (a), (e), (f); then (b), (g), (c)'s table and the
+summary.
 
 Timing: one warm-up call, then the best of `--runs` calls (at least 2; fewer once `--max-seconds` are spent), CUDA
 events around each call after the warm-up. fp32 uses PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full
@@ -201,6 +210,11 @@ def decoding(beams, **extra):
     return dict(num_beams=beams, do_sample=False, min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, **extra)
 
 
+def decoder_cache(name, args):
+    """generate kwargs for the `--decoder-cache` of model `name` (only ExpansionNet v2 has a static one)."""
+    return {"cache_implementation": "static"} if name == ENV2 and args.decoder_cache == "static" else {}
+
+
 def fresh(encoder_outputs):
     """A shallow copy: `generate` repeats the tensors of the encoder_outputs it gets in place (per beam)."""
     return type(encoder_outputs)(**dict(encoder_outputs.items()))
@@ -252,7 +266,7 @@ def captioning(name, spec, model, args):
                     features = None
                 encoder = run(lambda: model.get_encoder()(**features), args) if features else None
                 for beams in args.num_beams:
-                    kwargs = decoding(beams)
+                    kwargs = decoding(beams, **decoder_cache(name, args))
                     decode = (run(lambda: model.generate(encoder_outputs=fresh(encoder.out), **kwargs), args)
                               if encoder is not None and encoder.out is not None else None)
                     calls = [("pixels", inputs), ("features", features)] if pixels else [("regions", inputs)]
@@ -262,6 +276,7 @@ def captioning(name, spec, model, args):
                         outputs[input_name] = full
                         row = dict(section="captioning", model=name, input=input_name, precision=precision,
                                    batch=batch, method=method_name(beams), ms=ms(full),
+                                   cache=kwargs.get("cache_implementation", "dynamic"),
                                    images_per_s=batch / full.seconds if full and full.seconds else None,
                                    backbone_ms=ms(backbone) if input_name == "pixels" else None,
                                    encoder_ms=ms(encoder), decode_ms=ms(decode),
@@ -293,8 +308,11 @@ def decoding_variants(name, spec, model, args):
     """(a) decoding with vs without the cache, greedy and the largest beam, and (e) `hfcap.reference_beam_search` (each
     architecture's authors' search; SAT's decodes one image at a time, as the tutorial's) vs HF beam search at the
     largest beam: all from precomputed encoder outputs, fp32."""
-    print(f"\n(a) {name}: decoding from encoder_outputs, fp32, cached vs use_cache=False\n"
-          f"{'model':<23}{'batch':>5} {'method':<7}{'cached ms':>11}{'uncached ms':>12}{'ratio':>9}")
+    static = name == ENV2
+    print(f"\n(a) {name}: decoding from encoder_outputs, fp32, cached vs use_cache=False"
+          + (" (static = the static cache, CUDA-graph steps on a GPU)" if static else "") + "\n"
+          f"{'model':<23}{'batch':>5} {'method':<7}{'cached ms':>11}{'uncached ms':>12}{'ratio':>9}"
+          + (f"{'static ms':>11}{'uncached/static':>16}" if static else ""))
     largest, references = max(args.num_beams), []
     for batch in args.cache_batch_sizes:
         inputs = make_inputs(spec, batch, args.device, torch.float32)
@@ -306,18 +324,32 @@ def decoding_variants(name, spec, model, args):
                 cached = run(lambda: model.generate(encoder_outputs=fresh(encoder_outputs), **decoding(beams)), args)
                 uncached = run(lambda: model.generate(encoder_outputs=fresh(encoder_outputs),
                                                       **decoding(beams, use_cache=False)), args)
+                static_cache = run(lambda: model.generate(encoder_outputs=fresh(encoder_outputs),
+                                                          **decoding(beams, cache_implementation="static")), args) \
+                    if static else None
                 ratio = uncached.seconds / cached.seconds if cached.seconds and uncached.seconds else None
                 same = None if cached.out is None or uncached.out is None else torch.equal(cached.out, uncached.out)
+                static_ratio = (uncached.seconds / static_cache.seconds
+                                if static and static_cache.seconds and uncached.seconds else None)
+                static_same = (torch.equal(cached.out, static_cache.out)
+                               if static and cached.out is not None and static_cache.out is not None else None)
                 row = dict(section="cache", model=name, batch=batch, method=method_name(beams), cached_ms=ms(cached),
                            uncached_ms=ms(uncached), ratio=ratio, tokens_equal=same,
-                           error=cached.error or uncached.error,
-                           new_tokens_ok=new_tokens_ok(cached) and new_tokens_ok(uncached))
+                           static_ms=ms(static_cache), uncached_over_static=static_ratio,
+                           static_tokens_equal=static_same,
+                           error=cached.error or uncached.error or (static_cache.error if static else None),
+                           new_tokens_ok=all(new_tokens_ok(r) for r in (cached, uncached, static_cache) if r))
                 RESULTS["rows"].append(row)
                 print(f"{name:<23}{batch:>5} {method_name(beams):<7}{fmt(row['cached_ms'], 11, 2)}"
-                      f"{fmt(row['uncached_ms'], 12, 2)}{fmt_x(ratio, 9)}  tokens equal: {same}"
-                      f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
+                      f"{fmt(row['uncached_ms'], 12, 2)}{fmt_x(ratio, 9)}"
+                      + (f"{fmt(row['static_ms'], 11, 2)}{fmt_x(static_ratio, 16)}" if static else "")
+                      + f"  tokens equal: {same}" + (f", static: {static_same}" if static else "")
+                      + f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
                 if same is not None:
                     check(f"{name} batch {batch} {method_name(beams)}: cached == uncached tokens", same,
+                          strict=args.tiny)
+                if static_same is not None:
+                    check(f"{name} batch {batch} {method_name(beams)}: static == dynamic cache tokens", static_same,
                           strict=args.tiny)
             reference = run(lambda: model.generate(
                 encoder_outputs=fresh(encoder_outputs), num_beams=largest, max_new_tokens=NEW_TOKENS,
@@ -557,39 +589,79 @@ def authors_section(model, spec, args):
 
 
 def profile_section(name, spec, model, args, batch=256, beams=3):
-    """Where the time of the headline setting goes: GPU time of each stage (CUDA events) and the top CUDA kernels of
-    one bf16-autocast call from pixels (torch.profiler)."""
+    """(f) Where the time of the headline setting goes, bf16 weights, from pixels: GPU time of each stage (CUDA events,
+    as the grid times them) and the top CUDA kernels of one whole `generate` (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    inputs = make_inputs(spec, batch, args.device, torch.float32)
-    stages = {}
-
-    def timed(stage, fn):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        torch.cuda.synchronize()
-        stages[stage] = start.elapsed_time(end)
-        return result
-
-    with torch.no_grad(), amp(args.device, True):
-        for _ in range(2):  # warm-up: cuDNN/cuBLAS heuristics, allocator
-            model.generate(**inputs, **decoding(beams))
+    model.to(torch.bfloat16)
+    inputs = make_inputs(spec, batch, args.device, torch.bfloat16)
+    kwargs = decoding(beams, **decoder_cache(name, args))
+    with torch.no_grad():
+        backbone = run(lambda: model.get_image_features(inputs["pixel_values"]), args, always=True)
+        encoder = run(lambda: model.get_encoder()(visual_features=backbone.out), args, always=True)
+        decode = run(lambda: model.generate(encoder_outputs=fresh(encoder.out), **kwargs), args, always=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            features = timed("backbone", lambda: model.get_image_features(inputs["pixel_values"]))
-            encoder_outputs = timed("encoder", lambda: model.get_encoder()(visual_features=features))
-            timed("decoding", lambda: model.generate(encoder_outputs=fresh(encoder_outputs), **decoding(beams)))
-    total = sum(stages.values())
-    print(f"\n(f) profile: {name}, bf16 autocast, batch {batch}, beam {beams}, from pixels; time by stage: "
-          + ", ".join(f"{stage} {value:.0f} ms ({value / total:.0%})" for stage, value in stages.items()))
+            model.generate(**inputs, **kwargs)
+            torch.cuda.synchronize(args.device)
+    model.float()
+    stages = {"backbone": ms(backbone), "encoder": ms(encoder), "decoding": ms(decode)}
+    total = sum(value for value in stages.values() if value)
+    cache = kwargs.get("cache_implementation", "dynamic")
+    print(f"\n(f) profile: {name}, bf16 weights, batch {batch}, beam {beams}, {cache} cache, from pixels; "
+          "GPU time by stage: "
+          + ", ".join(f"{stage} {fmt(value, 0, 1)} ms ({value / total:.0%})" if value else f"{stage} -"
+                      for stage, value in stages.items()))
     kernels = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
                      key=lambda e: e.device_time_total, reverse=True)[:15]
     print(f"{'CUDA kernel (top 15 by GPU time)':<90}{'ms':>9}{'calls':>8}")
     for event in kernels:
         print(f"{event.key[:88]:<90}{event.device_time_total / 1e3:>9.1f}{event.count:>8}")
-    RESULTS["meta"]["profile"] = {"setting": f"{name} bf16-autocast batch {batch} beam {beams}", "stages_ms": stages,
+    RESULTS["meta"]["profile"] = {"setting": f"{name} bf16-weights batch {batch} beam {beams}", "stages_ms": stages,
                                   "top_kernels": [(e.key, e.device_time_total / 1e3, e.count) for e in kernels]}
+
+
+def compile_section(name, spec, model, args, beams=3):
+    """(g) The backbone under `torch.compile(mode="reduce-overhead")` (inductor's fused kernels, replayed as CUDA
+    graphs) vs eager, bf16 weights: `get_image_features` alone and a full `generate` from pixels."""
+    print(f"\n(g) {name}: backbone compiled with mode=\"reduce-overhead\" vs eager, bf16 weights, "
+          f"{method_name(beams)}, from pixels\n{'batch':>5}{'compile s':>11}{'eager bb ms':>13}{'compiled bb ms':>16}"
+          f"{'speed-up':>10}{'eager img/s':>13}{'compiled img/s':>16}{'speed-up':>10}")
+    model.to(torch.bfloat16)
+    backbone = model.get_encoder().backbone
+    backbone.forward_features = torch.compile(backbone.forward_features, mode="reduce-overhead", dynamic=False)
+    kwargs = decoding(beams, **decoder_cache(name, args))
+    try:
+        for batch in args.compile_batch_sizes:
+            pixel_values = make_inputs(spec, batch, args.device, torch.bfloat16)["pixel_values"]
+            with torch.no_grad():
+                eager, eager_full = (run(lambda: model.get_image_features(pixel_values), args),
+                                     run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args))
+                if time.perf_counter() - START > args.time_budget:
+                    break
+                begin = time.perf_counter()
+                model.get_image_features(pixel_values)  # compiles for this batch size, records the graph
+                torch.cuda.synchronize(args.device)
+                compile_s = time.perf_counter() - begin
+                compiled = run(lambda: model.get_image_features(pixel_values), args)
+                compiled_full = run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args)
+                same = (None if compiled_full.out is None or eager_full.out is None
+                        else (compiled_full.out == eager_full.out).all(dim=1).float().mean().item())
+            speed = [a.seconds / b.seconds if a.seconds and b.seconds else None
+                     for a, b in ((eager, compiled), (eager_full, compiled_full))]
+            row = dict(section="compile", model=name, batch=batch, method=method_name(beams), compile_s=compile_s,
+                       eager_backbone_ms=ms(eager), compiled_backbone_ms=ms(compiled), backbone_speedup=speed[0],
+                       eager_images_per_s=batch / eager_full.seconds if eager_full.seconds else None,
+                       compiled_images_per_s=batch / compiled_full.seconds if compiled_full.seconds else None,
+                       speedup=speed[1], equal_sequences=same,
+                       error=eager.error or compiled.error or eager_full.error or compiled_full.error)
+            RESULTS["rows"].append(row)
+            print(f"{batch:>5}{fmt(compile_s, 11)}{fmt(row['eager_backbone_ms'], 13, 2)}"
+                  f"{fmt(row['compiled_backbone_ms'], 16, 2)}{fmt_x(speed[0], 10)}{fmt(row['eager_images_per_s'], 13)}"
+                  f"{fmt(row['compiled_images_per_s'], 16)}{fmt_x(speed[1], 10)}  equal sequences: {same}"
+                  f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
+    finally:
+        del backbone.forward_features  # back to the eager method
+        model.float()
 
 
 def cpu_latency(args, specs):
@@ -696,6 +768,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads for --cpu-latency")
     parser.add_argument("--profile", action="store_true",
                         help="(f): the top CUDA kernels of ExpansionNet v2, bf16, batch 256, beam 3, from pixels")
+    parser.add_argument("--compile-backbone", action="store_true",
+                        help="(g): ExpansionNet v2's backbone under torch.compile(mode='reduce-overhead') vs eager")
+    parser.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1, 256], help="batch sizes of (g)")
+    parser.add_argument("--decoder-cache", choices=["static", "dynamic"], default="static",
+                        help="ExpansionNet v2's decoder cache in the captioning grid, (f) and (g)")
     args = parser.parse_args()
     if args.tiny:
         args.device, args.batch_sizes, args.cache_batch_sizes, args.peer_batch_sizes = "cpu", [2], [2], [2]
@@ -742,6 +819,8 @@ def main():
         if not args.no_ved and ENV2 in specs:
             print("\n(b) transformers VisionEncoderDecoderModel peer, same settings")
             ved_section(args, specs[ENV2]["image_size"])
+        if args.compile_backbone and ENV2 in specs and args.device.type == "cuda":
+            compile_section(ENV2, specs[ENV2], build(specs[ENV2], args.device), args)
         RESULTS["meta"]["backbone_flops_per_image"] = flops
         bound_table(peak, flops, args)
         summary(args)

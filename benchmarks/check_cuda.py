@@ -1,4 +1,5 @@
-"""CUDA checks of Show-Attend-Tell, run on a GPU machine: `python benchmarks/check_cuda.py [--fixtures DIR]`.
+"""CUDA checks of Show-Attend-Tell and of ExpansionNet v2's CUDA-graph decoding, run on a GPU machine:
+`python benchmarks/check_cuda.py [--fixtures DIR]`.
 
 Checks, each printed PASS/FAIL (exit status 1 if any fails):
   (a) a tiny model (timm `test_resnet` backbone) gives the same teacher-forced logits on CUDA as on the CPU (float32,
@@ -7,7 +8,12 @@ Checks, each printed PASS/FAIL (exit status 1 if any fails):
   (c) the tutorial fixtures (sat/small, sat/small-b) on CUDA in float64: teacher-forced logits, alphas and losses
       within 1e-8 of `expected_fp64`, and the reference beam search's ids (and scores within 1e-8) for beams 1/3/5;
       in float32, the same within the case's tolerances;
-  (d) bfloat16 on CUDA: `generate` runs (greedy, beam, reference beam) with the model cast to bfloat16.
+  (d) bfloat16 on CUDA: `generate` runs (greedy, beam, reference beam) with the model cast to bfloat16;
+  (e) ExpansionNet v2 (a mid-size random body on features) with `cache_implementation="static"`, whose decoding steps
+      replay a captured CUDA graph: the same token ids as the dynamic cache for greedy, beam 3 and seeded sampling,
+      scores within 1e-4, in float32 (bfloat16: the share of equal sequences and the largest score difference are
+      reported, since bf16 rounding can flip near-ties); a second call replays the same graph; a call under
+      `torch.inference_mode` and one after it both work.
 
 The fixtures are the repository's `../shared/fixtures/reference/sat` (as the tests read them); `--fixtures` points
 elsewhere (e.g. a copy carried to the GPU machine). Needs neither `datasets` nor pytest.
@@ -23,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 import hfcap
+from hfcap.models.expansionnet_v2 import ExpansionNetV2Config, ExpansionNetV2ForConditionalGeneration
 from hfcap.models.show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +135,7 @@ def check_fixture(case_dir, device, dtype):
     real_steps = torch.arange(steps) < expected["decode_lengths"][:, None]
     compared = {
         "logits": (output.logits.cpu()[sort_ind][real_steps], expected["predictions"][real_steps]),
-        "alphas": (output.cross_attentions[0].cpu()[sort_ind][real_steps], expected["alphas"][real_steps]),
+        "alphas": (output.cross_attentions[0][:, 0].cpu()[sort_ind][real_steps], expected["alphas"][real_steps]),
         "loss_ce": (output.loss_ce, expected["loss_ce"]),
         "loss_doubly_stochastic": (output.loss_doubly_stochastic, expected["loss_doubly_stochastic"]),
         "loss": (output.loss, expected["loss"]),
@@ -176,6 +183,51 @@ def check_bfloat16(device):
             report(f"(d) bfloat16 generate {name} on {device}", False, f"{type(error).__name__}: {error}")
 
 
+def check_expansionnet_v2_static(device):
+    config = ExpansionNetV2Config(
+        use_backbone=False, visual_feature_dim=64, d_model=64, num_heads=4, d_ff=128, num_encoder_layers=2,
+        num_decoder_layers=3, static_expansion_groups=[4, 8], num_dynamic_expansions=16, vocab_size=300,
+        max_position_embeddings=30, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = ExpansionNetV2ForConditionalGeneration(config).eval().to(device)
+    features = torch.randn(6, 20, 64, generator=torch.Generator().manual_seed(3)).to(device)
+    searches = {"greedy": {}, "beam 3": {"num_beams": 3}, "sampling": {"do_sample": True, "top_k": 0}}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        label = f"(e) ExpansionNet v2 static cache, {str(dtype).removeprefix('torch.')}"
+        for name, search in searches.items():
+            settings = dict(visual_features=features.to(dtype), min_new_tokens=12, max_new_tokens=12,
+                            return_dict_in_generate=True, output_scores=True, **search)
+            try:
+                torch.manual_seed(0)
+                dynamic = model.generate(**settings)
+                runs = []
+                for _ in range(2):
+                    torch.manual_seed(0)
+                    runs.append(model.generate(**settings, cache_implementation="static"))
+                    runs[-1].graph = model._static_decoder_state.graph
+            except Exception as error:  # reported, not raised: the other checks still run
+                report(f"{label} {name}", False, f"{type(error).__name__}: {error}")
+                continue
+            captured = runs[0].graph is not None or not device.startswith("cuda")
+            report(f"{label} {name}: graph captured once and replayed by the second call",
+                   captured and runs[1].graph is runs[0].graph)
+            for index, static in enumerate(runs):
+                same = (static.sequences == dynamic.sequences).all(dim=1).float().mean().item()
+                worst = max((a.float() - b.float()).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+                            for a, b in zip(static.scores, dynamic.scores))
+                passed = dtype == torch.bfloat16 or (same == 1.0 and worst <= 1e-4)
+                report(f"{label} {name}, call {index + 1}: static (graph) vs dynamic cache", passed,
+                       f"equal sequences {same:.0%}, max |score diff| {worst:.1e}")
+    model.float()
+    settings = dict(visual_features=features, min_new_tokens=12, max_new_tokens=12, cache_implementation="static")
+    with torch.inference_mode():
+        under_inference_mode = model.generate(**settings)
+    report("(e) ExpansionNet v2 static cache: a call under inference_mode, then a plain call",
+           torch.equal(model.generate(**settings), under_inference_mode))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES, help="folder with small/ and small-b/")
@@ -196,6 +248,7 @@ def main():
         for dtype in (torch.float64, torch.float32):
             check_fixture(args.fixtures / case, args.device, dtype)
     check_bfloat16(args.device)
+    check_expansionnet_v2_static(args.device)
     failed = RESULTS.count(False)
     print(f"{len(RESULTS) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -67,3 +67,16 @@ def test_bench_training_tiny(tmp_path):
             pycoco = rows[setup, "scst-pycoco", precision]  # measured, or "n/a" without pycocoevalcap
             assert pycoco.get("samples_per_s") or pycoco["error"].startswith("n/a")
     assert "reward %" in stdout
+
+
+def test_check_cuda_dry_run_on_the_cpu():
+    """benchmarks/check_cuda.py, which compares CUDA with the CPU on a GPU machine, passes its checks on the CPU
+    alone (SAT's fixtures, ExpansionNet v2's static cache against the dynamic one)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(REPO / "benchmarks" / "check_cuda.py"), "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    assert "(e) ExpansionNet v2 static cache: a call under inference_mode" in process.stdout
+    assert " 0 failed" in process.stdout

@@ -1,18 +1,22 @@
 """What is ExpansionNet v2's own, on a tiny random config: the exact incremental decoder cache (its state, exported
-as an input), the authors' beam search, outputs and loss, the five dropouts, any timm backbone as row-major tokens,
-and ExpansionNet-specific errors. The Hugging Face behaviour every architecture shares is tested in
+as an input, and its static form), the authors' beam search, outputs and loss, the five dropouts, any timm backbone
+as row-major tokens, and ExpansionNet-specific errors. The Hugging Face behaviour every architecture shares is tested in
 test_models_common.py, fixture parity in test_expansionnet_v2_parity.py."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
+from hfcap.compat import CACHE_NAME
 from hfcap.generation import reference_beam_search
 from hfcap.models.expansionnet_v2 import (
     ExpansionNetV2Config,
     ExpansionNetV2DecoderState,
     ExpansionNetV2ForConditionalGeneration,
+    ExpansionNetV2StaticDecoderState,
 )
 from hfcap.models.expansionnet_v2.modeling_expansionnet_v2 import DECODER_CACHE_NAMES
 
@@ -83,11 +87,85 @@ def test_cached_steps_give_the_full_forwards_logits(model, pixel_values, dtype):
         steps = [output.logits]
         for position in range(4, tokens.shape[1]):
             next_token = tokens[:, position : position + 1]
-            output = model(encoder_outputs=encoder_outputs, decoder_input_ids=next_token, cache=output.cache)
+            output = model(encoder_outputs=encoder_outputs, decoder_input_ids=next_token, cache=output[CACHE_NAME])
             steps.append(output.logits)
-    assert isinstance(output.cache, ExpansionNetV2DecoderState) and output.cache.get_seq_length() == tokens.shape[1]
+    state = output[CACHE_NAME]
+    assert isinstance(state, ExpansionNetV2DecoderState) and state.get_seq_length() == tokens.shape[1]
     atol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=atol, rtol=0)
+
+
+STATIC_SEARCHES = {
+    "greedy": {},
+    "beam": {"num_beams": 3, "num_return_sequences": 2, "output_scores": True},
+    "sampling": {"do_sample": True, "top_k": 0, "output_scores": True},
+}
+
+
+@pytest.mark.parametrize("search", list(STATIC_SEARCHES))
+def test_static_cache_decodes_as_the_dynamic_one(search):
+    """`cache_implementation="static"` (preallocated buffers written in place, fixed step shapes) gives the dynamic
+    cache's tokens and scores in float64, with padded visual features and a left-padded decoder prompt; a second
+    call of the same capacity reuses the state."""
+    model = tiny_model().double()
+    features = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    visual_mask = torch.ones(3, 5, dtype=torch.long)
+    visual_mask[1, 3:] = 0
+    prompt = torch.tensor([[PAD, SOS, 12], [SOS, 5, 6], [PAD, PAD, SOS]])
+    settings = dict(visual_features=features, visual_attention_mask=visual_mask, decoder_input_ids=prompt,
+                    decoder_attention_mask=(prompt != PAD).long(), min_new_tokens=6, max_new_tokens=6,
+                    return_dict_in_generate=True, **STATIC_SEARCHES[search])
+    torch.manual_seed(0)
+    dynamic = model.generate(**settings)
+    outputs, states = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        outputs.append(model.generate(**settings, cache_implementation="static"))
+        states.append(model._static_decoder_state)
+    state = states[0]
+    assert isinstance(state, ExpansionNetV2StaticDecoderState) and state.get_seq_length() == 3 + 5
+    assert state["0.keys"].shape[1] == state.capacity == 3 + 5  # the tokens fed back: the last one is not
+    assert states[1] is state
+    for static in outputs:
+        assert torch.equal(static.sequences, dynamic.sequences)
+        for static_scores, dynamic_scores in zip(static.scores or (), dynamic.scores or ()):
+            torch.testing.assert_close(static_scores, dynamic_scores, atol=1e-12, rtol=0)
+
+
+def test_static_cache_steps_give_the_full_forwards_logits(model, pixel_values):
+    """The static state's prefill and in-place steps give the one-pass logits; it refuses what it cannot hold."""
+    tokens = random_tokens(2, 7)
+    state = ExpansionNetV2StaticDecoderState(capacity=7)
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, decoder_input_ids=tokens).logits
+        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+        steps = [model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :3], cache=state).logits]
+        for position in range(3, 7):
+            output = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, position:][:, :1], cache=state)
+            assert output[CACHE_NAME] is state and state.get_seq_length() == position + 1
+            steps.append(output.logits)
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="position 7: the static cache holds 7 positions"):
+            model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :1], cache=state)
+        state.seq_length = 3
+        with pytest.raises(ValueError, match="one token per row at a time, got 2 tokens"):
+            model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, :2], cache=state)
+        with pytest.raises(ValueError, match="prompt has 7 tokens, more than the static cache's capacity of 6"):
+            model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens, cache=ExpansionNetV2StaticDecoderState(6))
+
+
+def test_static_cache_survives_inference_mode_and_copies(pixel_values):
+    """Buffers made under `torch.inference_mode` are replaced in a later plain call (they could not be written
+    there), and a deep copy of the model starts with an empty state."""
+    model = tiny_model()
+    settings = dict(pixel_values=pixel_values, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+    with torch.inference_mode():
+        first = model.generate(**settings)
+    assert model._static_decoder_state["0.keys"].is_inference()
+    second = model.generate(**settings)
+    assert torch.equal(first, second) and not model._static_decoder_state["0.keys"].is_inference()
+    copied = copy.deepcopy(model)
+    assert copied._static_decoder_state.tensors == {} and torch.equal(copied.generate(**settings), first)
 
 
 def test_reference_beam_search_batches_images_independently(model, pixel_values):
@@ -169,8 +247,8 @@ def test_state_is_a_pytree_and_forward_exports(model, pixel_values):
     with torch.no_grad():
         prefix = model(pixel_values=pixel_values, decoder_input_ids=tokens[:, :3], use_cache=True)
         encoder_outputs = (prefix.encoder_last_hidden_state,)
-        expected = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, 3:], cache=prefix.cache)
-    leaves, spec = torch.utils._pytree.tree_flatten(prefix.cache)
+        expected = model(encoder_outputs=encoder_outputs, decoder_input_ids=tokens[:, 3:], cache=prefix[CACHE_NAME])
+    leaves, spec = torch.utils._pytree.tree_flatten(prefix[CACHE_NAME])
     assert all(isinstance(leaf, torch.Tensor) for leaf in leaves)
     assert torch.utils._pytree.tree_unflatten(leaves, spec).get_seq_length() == 3
 
@@ -182,18 +260,19 @@ def test_state_is_a_pytree_and_forward_exports(model, pixel_values):
         def forward(self, encoder_hidden_states, decoder_input_ids, cache):
             encoder_outputs = (encoder_hidden_states,)
             output = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids, cache=cache)
-            return output.logits, output.cache
+            return output.logits, output[CACHE_NAME]
 
     # the state as an input too: the incremental step alone (test_models_common exports the whole forward)
-    exported = torch.export.export(Step(model), (prefix.encoder_last_hidden_state, tokens[:, 3:], prefix.cache))
-    logits, state = exported.module()(prefix.encoder_last_hidden_state, tokens[:, 3:], prefix.cache)
+    inputs = (prefix.encoder_last_hidden_state, tokens[:, 3:], prefix[CACHE_NAME])
+    exported = torch.export.export(Step(model), inputs)
+    logits, state = exported.module()(*inputs)
     torch.testing.assert_close(logits, expected.logits)
     assert isinstance(state, ExpansionNetV2DecoderState) and state.get_seq_length() == 4
 
 
 def test_state_holds_every_layers_cache_and_follows_batch_operations(model, pixel_values):
     with torch.no_grad():
-        state = model(pixel_values=pixel_values, decoder_input_ids=random_tokens(2, 3), use_cache=True).cache
+        state = model(pixel_values=pixel_values, decoder_input_ids=random_tokens(2, 3), use_cache=True)[CACHE_NAME]
     layer_names = {f"{layer}.{name}" for layer in range(2) for name in DECODER_CACHE_NAMES}
     assert set(state.tensors) == layer_names | {"key_mask", "position_offset"}
     assert state["1.queries"].shape == (2, 3 * 3, 16)  # E L rows of width d

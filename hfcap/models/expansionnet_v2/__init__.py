@@ -5,6 +5,7 @@ from .modeling_expansionnet_v2 import (
     ExpansionNetV2DecoderState,
     ExpansionNetV2ForConditionalGeneration,
     ExpansionNetV2PreTrainedModel,
+    ExpansionNetV2StaticDecoderState,
 )
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "ExpansionNetV2DecoderState",
     "ExpansionNetV2ForConditionalGeneration",
     "ExpansionNetV2PreTrainedModel",
+    "ExpansionNetV2StaticDecoderState",
 ]

@@ -180,6 +180,126 @@ _pytree.register_pytree_node(
 )
 
 
+class ExpansionNetV2StaticDecoderState:
+    """
+    The decoder state in preallocated buffers of `capacity` positions, for `generate(...,
+    cache_implementation="static")`: the tensors of [`ExpansionNetV2DecoderState`] (per-position ones as (B, C, d),
+    the expanded rows as (B, C, E, d)) plus `cross_mask` (B, N), written in place, so that every decoding step has
+    the same shapes and buffer addresses. On CUDA (no autograd, no autocast, eval mode) the step is then captured as
+    a CUDA graph at its first run and replayed after: one launch instead of the ~1,400 small kernels that bound an
+    eager step. The model keeps the state between `generate` calls with the same capacity, so a later call of the
+    same shapes reuses the buffers and the graph; a deep copy starts empty.
+    """
+
+    is_compileable = False  # transformers must not wrap it in torch.compile: the graph is captured here
+    is_croppable = False
+    PER_POSITION = frozenset({"keys", "class_a", "class_b", "key_mask"})  # (B, C, ...)
+    PER_EXPANDED_ROW = frozenset({"queries", "expansions_a", "expansions_b"})  # (B, C, E, d)
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.seq_length = 0
+        self.tensors = {}
+        self.static = frozenset()
+        self.position = None  # p, a (1,) device tensor that the step reads
+        self.weights = None  # data pointers of the decoder's weights, which a captured graph reads
+        self.graph = self.graph_inputs = self.graph_outputs = None
+
+    def __getitem__(self, name):
+        return self.tensors[name]
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.capacity)
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seq_length
+
+    def load(self, prompt_state: ExpansionNetV2DecoderState, cross_mask, weights):
+        """
+        Starts from the cache of a prompt of P positions: copies it into the buffers (allocated anew, dropping the
+        graph, when names, shapes, dtypes, device or the decoder's `weights` changed since the last call) and zeroes
+        the positions after it: `key_mask` is then False after the last written position (the step's causal mask),
+        and no masked position brings a stale inf or NaN into a product.
+        """
+        length = prompt_state.seq_length
+        if length > self.capacity:
+            raise ValueError(f"The decoder prompt has {length} tokens, more than the static cache's capacity of "
+                             f"{self.capacity} positions.")
+        tensors = {**prompt_state.tensors, "cross_mask": cross_mask}
+        shapes = {}
+        for name, value in tensors.items():
+            kind = name.rpartition(".")[2]
+            if kind in self.PER_POSITION:
+                shapes[name] = (value.shape[0], self.capacity, *value.shape[2:])
+            elif kind in self.PER_EXPANDED_ROW:
+                shapes[name] = (value.shape[0], self.capacity, value.shape[1] // length, value.shape[2])
+            else:
+                shapes[name] = tuple(value.shape)
+        # buffers made under `torch.inference_mode` cannot be written outside it, and the reverse
+        inference = torch.is_inference_mode_enabled()
+        layout = {name: (shapes[name], value.dtype, value.device, inference) for name, value in tensors.items()}
+        current = {name: (tuple(value.shape), value.dtype, value.device, value.is_inference())
+                   for name, value in self.tensors.items()}
+        if layout != current or weights != self.weights:
+            self.tensors = {name: torch.zeros(shape, dtype=dtype, device=device)
+                            for name, (shape, dtype, device, _) in layout.items()}
+            self.position = torch.zeros(1, dtype=torch.long, device=cross_mask.device)
+            self.weights, self.graph = weights, None
+        for name, value in tensors.items():
+            buffer = self.tensors[name]
+            if name.rpartition(".")[2] in self.PER_POSITION | self.PER_EXPANDED_ROW:
+                buffer[:, :length].copy_(value.view(buffer[:, :length].shape))
+                buffer[:, length:].zero_()
+            else:
+                buffer.copy_(value)
+        self.static = prompt_state.static | {"cross_mask"}
+        self.seq_length = length
+
+    def run_step(self, step, inputs, capture):
+        """
+        `step(*inputs, self)` at position `seq_length`, which must touch no tensors but `inputs`, the state's and
+        the module's: eagerly, or with `capture` (CUDA only) by replaying the graph captured at the first step. The
+        graph's outputs are its own tensors, overwritten by the next step.
+        """
+        self.position.fill_(self.seq_length)
+        if not capture:
+            return step(*inputs, self)
+        if self.graph is None:
+            self.graph_inputs = [value.clone() for value in inputs]
+            stream = torch.cuda.Stream(self.position.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up before capture; it writes at p what the step writes anyway
+                step(*self.graph_inputs, self)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_outputs = step(*self.graph_inputs, self)
+        for captured, value in zip(self.graph_inputs, inputs):
+            captured.copy_(value)
+        self.graph.replay()
+        return self.graph_outputs
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: row i continues from row `beam_idx[i]` (a beam of the same image), copied in place over the
+        filled positions."""
+        beam_idx = beam_idx.to(self.position.device)
+        for name, value in self.tensors.items():
+            if name in self.static:
+                continue
+            filled = value if value.ndim == 1 else value[:, : self.seq_length]
+            filled.copy_(filled.index_select(0, beam_idx))
+
+    def batch_select_indices(self, indices):
+        """Keeps (and reorders) the batch rows `indices`, in new buffers (the graph is captured again)."""
+        self.tensors = {name: value.index_select(0, indices.to(value.device)) for name, value in self.tensors.items()}
+        self.graph = None
+
+    def batch_repeat_interleave(self, repeats):
+        """Repeats every batch row `repeats` times, in new buffers (the graph is captured again)."""
+        self.tensors = {name: value.repeat_interleave(repeats, dim=0) for name, value in self.tensors.items()}
+        self.graph = None
+
+
 # Copied from hfcap.models.show_attend_tell.modeling_show_attend_tell.shift_tokens_right
 def shift_tokens_right(labels, pad_token_id, decoder_start_token_id):
     """`labels (B, T)` -> `decoder_input_ids (B, T)`: prepend the start token, drop the last label, -100 -> pad."""
@@ -460,6 +580,52 @@ class ExpansionNetV2DynamicExpansion(nn.Module):
         selector = torch.sigmoid(self.selector_embed(x))  # §3.5 gate
         return selector * output_a + (1 - selector) * output_b, cache
 
+    def step_in_place(self, x, step_mask, buffers, position):
+        """
+        One new position p (T = 1) on the static cache of C positions (the same values as `forward` with a cache of
+        p positions): the new rows are written into `buffers` at p, and every product runs over all C positions with
+        `step_mask` zeroing those after p, so the shapes never change.
+
+        Args:
+            x (`torch.FloatTensor` of shape `(B, 1, d)`): LN_1 of the layer input at position p.
+            step_mask (`torch.BoolTensor` of shape `(B, 1, C)`): 1[j <= p], zero for padding positions and for every
+                j when p itself is padding.
+            buffers (`dict[str, torch.Tensor]`): this layer's `keys`, `class_a`, `class_b` (B, C, d) and `queries`,
+                `expansions_a`, `expansions_b` (B, C, E, d), filled up to p - 1.
+            position (`torch.LongTensor` of shape `(1,)`): p, on the device (so that a CUDA graph can replay the step).
+
+        Returns:
+            `torch.FloatTensor` of shape `(B, 1, d)`.
+        """
+        batch_size, _, d = x.shape
+        condition = self.cond_embed(x)  # §3.1 C_p, (B, 1, d)
+        queries = self.query_exp_vectors.weight + condition  # Q[(p,e)] = q_e + C_p, (B, E, d)
+        biases = self.bias_exp_vectors.weight + condition  # Bias[(p,e)] = b_e + C_p
+        key = self.key_linear(x)
+        for name, value in (("keys", key), ("class_a", self.class_a_embed(x)), ("class_b", self.class_b_embed(x)),
+                            ("queries", queries[:, None])):
+            buffers[name].index_copy_(1, position, value)
+
+        # §3.2-3 forward: the new rows against all C keys, normalised over j <= p
+        row_scores = self.score_dropout(torch.matmul(queries, buffers["keys"].transpose(-1, -2)) / d**0.5)
+        forward_a = _normalise(F.relu(row_scores), step_mask, self.eps)
+        forward_b = _normalise(F.relu(-row_scores), step_mask, self.eps)
+        expansions_a = self.forward_dropout_a(torch.matmul(forward_a, buffers["class_a"])) + biases  # Ea + Bias
+        expansions_b = self.forward_dropout_b(torch.matmul(forward_b, buffers["class_b"])) + biases  # Eb + Bias
+        buffers["expansions_a"].index_copy_(1, position, expansions_a[:, None])
+        buffers["expansions_b"].index_copy_(1, position, expansions_b[:, None])
+
+        # §3.4 backward: output p mixes the rows (j, e), j <= p, by their scores Z[(j,e), p] against the new key
+        rows = buffers["queries"].flatten(1, 2)  # (B, C E, d), row (j, e) at j E + e
+        column_scores = self.score_dropout(torch.matmul(key, rows.transpose(-1, -2)) / d**0.5)  # (B, 1, C E)
+        column_mask = step_mask[..., None].expand(-1, -1, -1, self.num_expansions).flatten(2)  # (B, 1, C E)
+        backward_a = _normalise(F.relu(column_scores), column_mask, self.eps)
+        backward_b = _normalise(F.relu(-column_scores), column_mask, self.eps)
+        output_a = self.backward_dropout_a(torch.matmul(backward_a, buffers["expansions_a"].flatten(1, 2)))  # §3.4 Oa
+        output_b = self.backward_dropout_b(torch.matmul(backward_b, buffers["expansions_b"].flatten(1, 2)))  # §3.4 Ob
+        selector = torch.sigmoid(self.selector_embed(x))  # §3.5 gate
+        return selector * output_a + (1 - selector) * output_b
+
 
 class ExpansionNetV2CrossAttention(nn.Module):
     """Multi-head attention of the decoder over the encoder output (§4 MHA): no dropout on the weights, masks -1e4."""
@@ -532,9 +698,14 @@ class ExpansionNetV2DecoderLayer(nn.Module):
         self.ff = ExpansionNetV2FeedForward(config, config.dropout_dec)
         self.dropout_3 = nn.Dropout(config.dropout_dec)
 
-    def forward(self, y, expansion_mask, cross_keys, cross_values, cross_mask, past=None):
-        """`y (B, T, d)` -> `(y, cross-attention weights (B, H, T, N), this layer's cache)`."""
-        expanded, cache = self.dyn_exp(self.norm_1(y), expansion_mask, past)
+    def forward(self, y, expansion_mask, cross_keys, cross_values, cross_mask, past=None, position=None):
+        """`y (B, T, d)` -> `(y, cross-attention weights (B, H, T, N), this layer's cache)`. With `position` (a
+        static cache's step, T = 1), `past` holds the static buffers, which the step writes at `position`, and the
+        returned cache is None."""
+        if position is None:
+            expanded, cache = self.dyn_exp(self.norm_1(y), expansion_mask, past)
+        else:
+            expanded, cache = self.dyn_exp.step_in_place(self.norm_1(y), expansion_mask, past, position), None
         y = y + self.dropout_1(expanded)  # §4 step 1
         attended, weights = self.mha(self.norm_2(y), cross_keys, cross_values, cross_mask)
         y = y + self.dropout_2(attended)  # §4 step 2
@@ -702,6 +873,10 @@ class ExpansionNetV2Decoder(nn.Module):
         Returns:
             `(hidden (B, T, d), cross-attention weights per layer, hidden states or None, state or None)`.
         """
+        if isinstance(state, ExpansionNetV2StaticDecoderState):
+            return self.forward_static(
+                input_ids, encoder_hidden_states, encoder_attention_mask, attention_mask, state, output_hidden_states
+            )
         batch_size, num_new = input_ids.shape
         past_length = state.seq_length if state is not None else 0
         total_length = past_length + num_new
@@ -755,6 +930,74 @@ class ExpansionNetV2Decoder(nn.Module):
         static = {f"{index}.{name}" for index in range(len(self.layers)) for name in ("cross_keys", "cross_values")}
         new_state = ExpansionNetV2DecoderState(cache, total_length, static) if use_cache else None
         return y, tuple(cross_attentions), tuple(hidden_states) if output_hidden_states else None, new_state
+
+    def forward_static(
+        self, input_ids, encoder_hidden_states, encoder_attention_mask, attention_mask, state, output_hidden_states
+    ):
+        """`forward` on an [`ExpansionNetV2StaticDecoderState`]: the prompt (the state is empty) runs as without a
+        cache and fills the buffers; every later call takes one token per row (`step_static`), replayed as a CUDA
+        graph where it can be. Same arguments and returns as `forward`; the state is updated in place."""
+        if state.seq_length == 0:
+            y, cross_attentions, hidden_states, prompt_state = self(
+                input_ids, encoder_hidden_states, encoder_attention_mask, attention_mask, use_cache=True,
+                output_hidden_states=output_hidden_states,
+            )
+            cross_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.bool, device=input_ids.device)
+            if encoder_attention_mask is not None:
+                cross_mask = encoder_attention_mask.bool()
+            state.load(prompt_state, cross_mask, tuple(weight.data_ptr() for weight in self.parameters()))
+            return y, cross_attentions, hidden_states, state
+        batch_size, num_new = input_ids.shape
+        position = state.seq_length
+        if num_new != 1:
+            raise ValueError(f"A static decoder cache continues one token per row at a time, got {num_new} tokens.")
+        if position >= min(state.capacity, self.config.max_position_embeddings):
+            table = self.config.max_position_embeddings
+            raise ValueError(
+                f"The decoder cannot take a token at position {position}: the static cache holds {state.capacity} "
+                f"positions and the learned position table `max_position_embeddings={table}`."
+            )
+        new_mask = input_ids.new_ones((batch_size, 1), dtype=torch.bool)
+        if attention_mask is not None and attention_mask.shape[1] > position:
+            new_mask = attention_mask[:, position : position + 1].bool()
+        capture = input_ids.is_cuda and not (
+            self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type)
+        )
+        y, cross_attentions, hidden_states = state.run_step(self.step_static, (input_ids, new_mask), capture)
+        state.seq_length += 1
+        return y, cross_attentions, hidden_states if output_hidden_states else None, state
+
+    def step_static(self, input_ids, new_mask, state):
+        """
+        One token per row at position p = `state.position` (the same values as `forward` with a cache of p
+        positions), in fixed shapes and without host synchronisation, so that a CUDA graph can capture it.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, 1)`): the tokens at p.
+            new_mask (`torch.BoolTensor` of shape `(B, 1)`): False where p is padding.
+            state ([`ExpansionNetV2StaticDecoderState`]): filled up to p - 1; written at p.
+
+        Returns:
+            `(y (B, 1, d), cross-attention weights per layer, hidden states)`.
+        """
+        position, key_mask = state.position, state["key_mask"]
+        key_mask.index_copy_(1, position, new_mask)
+        step_mask = (key_mask & new_mask)[:, None, :]  # (B, 1, C): `load` zeroed key_mask after the prompt
+        positions = (position - state["position_offset"][:, None]).clamp(min=0)  # (B, 1)
+        # §1.4 y_0 = Dropout(Emb(tok)) * sqrt(d) + PosEmb(position)
+        y = self.embed_dropout(self.embed_tokens(input_ids)) * self.embed_scale + self.embed_positions(positions)
+        cross_mask = (new_mask & state["cross_mask"])[:, None, :]  # (B, 1, N)
+        hidden_states, layer_outputs, cross_attentions = [y], [], []
+        for index, layer in enumerate(self.layers):
+            buffers = {name: state[f"{index}.{name}"] for name in DECODER_CACHE_NAMES}
+            y, weights, _ = layer(
+                y, step_mask, buffers["cross_keys"], buffers["cross_values"], cross_mask, buffers, position
+            )
+            layer_outputs.append(y)
+            cross_attentions.append(weights)
+            hidden_states.append(y)
+        y = self.reduce_norm(y + self.reduce_dropout(self.reduce_group(torch.cat(layer_outputs, dim=-1))))  # §5
+        return y, tuple(cross_attentions), tuple(hidden_states)
 
 
 class ExpansionNetV2PreTrainedModel(PreTrainedModel):
@@ -897,6 +1140,27 @@ class ExpansionNetV2ForConditionalGeneration(ExpansionNetV2PreTrainedModel, Gene
         # The expansion decoder's cache is an ExpansionNetV2DecoderState created in `forward`, not a KV cache.
         return False
 
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ):
+        """transformers' cache preparation, plus `cache_implementation="static"`: an
+        [`ExpansionNetV2StaticDecoderState`] of `max(max_cache_length, max_cache_len)` positions (the tokens fed
+        back), kept on the model so that a later call of the same capacity reuses its buffers and CUDA graph."""
+        if (
+            generation_config.cache_implementation != "static"
+            or generation_config.use_cache is False
+            or model_kwargs.get(CACHE_NAME) is not None
+        ):
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        capacity = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+        state = getattr(self, "_static_decoder_state", None)
+        if state is None or state.capacity != capacity:
+            state = self._static_decoder_state = ExpansionNetV2StaticDecoderState(capacity)
+        state.seq_length = 0
+        model_kwargs[CACHE_NAME] = state
+
     def forward(
         self,
         pixel_values=None,
@@ -970,7 +1234,7 @@ class ExpansionNetV2ForConditionalGeneration(ExpansionNetV2PreTrainedModel, Gene
                                  f"{tuple(decoder_input_ids.shape)} must have the same shape.")
         if decoder_input_ids is None:
             raise ValueError("Pass `decoder_input_ids` (B, T) or `labels` (B, T) to run the decoder.")
-        if state is None:  # a decoding step of `generate` only feeds back the model's own tokens: checked once
+        if state is None or state.get_seq_length() == 0:  # decoding steps only feed back the model's own tokens
             batch_size = encoder_outputs.last_hidden_state.shape[0]
             check_token_ids("decoder_input_ids", decoder_input_ids, self.config.vocab_size, batch_size)
 
@@ -1117,6 +1381,7 @@ class ExpansionNetV2ForConditionalGeneration(ExpansionNetV2PreTrainedModel, Gene
 
 __all__ = [
     "ExpansionNetV2DecoderState",
+    "ExpansionNetV2StaticDecoderState",
     "ExpansionNetV2ForConditionalGeneration",
     "ExpansionNetV2PreTrainedModel",
 ]
