@@ -3,14 +3,15 @@
 The authors' code recomputes the whole decoder prefix at every step (O(E L^2 d) per layer for an L-token caption);
 hfcap's `ExpansionNetV2DecoderState` keeps the per-position tensors of §3 of the spec, so a step costs O(E L d).
 This script times greedy `generate` on the CPU, one caption at a time, forced to exactly 10, 20 and 40 new tokens
-(`min_new_tokens` = `max_new_tokens`; random weights would end captions at random lengths), with `use_cache=True`
-and `use_cache=False`. The model is features-only (the backbone runs once per image either way, so it is left out):
+(`min_new_tokens` = `max_new_tokens`; random weights would end captions at random lengths), with `use_cache=False`,
+the growing cache (`use_cache=True`) and the static one (`cache_implementation="static"`: preallocated buffers,
+every step over all of them; on a GPU its steps replay a CUDA graph). The model is features-only (the backbone runs once per image either way, so it is left out):
 a mid-size body (d_model 256, d_ff 1024, 3 + 3 layers, the released expansion sizes 32/64/128/256/512 and 16, 8
 heads, 10,000 words) over 144 random visual tokens of width 1536. Each time is the best of several runs after a
-warm-up. Both settings must produce the same tokens; the script checks it.
+warm-up. All three must produce the same tokens; the script checks it.
 
-`--tiny`: a correctness run for CI (a few seconds, no timing): on a tiny model, cached and uncached greedy decoding
-give the same tokens and per-step logits at every length, and the script exits non-zero otherwise.
+`--tiny`: a correctness run for CI (a few seconds, no timing): on a tiny model, the three give the same tokens and
+per-step logits at every length, and the script exits non-zero otherwise.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import torch
 from hfcap.models.expansionnet_v2 import ExpansionNetV2Config, ExpansionNetV2ForConditionalGeneration
 
 LENGTHS = (10, 20, 40)
+CACHES = {"uncached": {"use_cache": False}, "cached": {"use_cache": True}, "static": {"cache_implementation": "static"}}
 MID_SIZE = {
     "d_model": 256,
     "d_ff": 1024,
@@ -67,39 +69,41 @@ def build(size, batch_size=1):
     return model, features
 
 
-def decode(model, features, length, use_cache, num_beams=1):
+def decode(model, features, length, cache, num_beams=1):
     return model.generate(
         visual_features=features,
         num_beams=num_beams,
         do_sample=False,
         min_new_tokens=length,
         max_new_tokens=length,
-        use_cache=use_cache,
         output_logits=True,
         return_dict_in_generate=True,
+        **CACHES[cache],
     )
 
 
 def check(model, features):
-    """Cached and uncached decoding agree at every length: tokens equal, step logits within 1e-5."""
+    """The three settings agree at every length: tokens equal, step logits within 1e-5 of the uncached ones."""
     for length in LENGTHS:
-        cached, uncached = decode(model, features, length, True), decode(model, features, length, False)
-        if not torch.equal(cached.sequences, uncached.sequences):
-            raise AssertionError(
-                f"{length} tokens: cached {cached.sequences.tolist()} != uncached {uncached.sequences.tolist()}"
-            )
-        difference = max((a - b).abs().max().item() for a, b in zip(cached.logits, uncached.logits))
-        if difference > 1e-5:
-            raise AssertionError(f"{length} tokens: cached and uncached logits differ by {difference:.2e}")
-        print(f"{length:>3} tokens: cached == uncached (max logit difference {difference:.1e})")
+        uncached = decode(model, features, length, "uncached")
+        for cache in ("cached", "static"):
+            output = decode(model, features, length, cache)
+            if not torch.equal(output.sequences, uncached.sequences):
+                raise AssertionError(
+                    f"{length} tokens: {cache} {output.sequences.tolist()} != uncached {uncached.sequences.tolist()}"
+                )
+            difference = max((a - b).abs().max().item() for a, b in zip(output.logits, uncached.logits))
+            if difference > 1e-5:
+                raise AssertionError(f"{length} tokens: {cache} and uncached logits differ by {difference:.2e}")
+            print(f"{length:>3} tokens: {cache} == uncached (max logit difference {difference:.1e})")
 
 
-def best_time(model, features, length, use_cache, num_beams, min_seconds=0.5, max_runs=10):
-    decode(model, features, length, use_cache, num_beams)  # warm-up
+def best_time(model, features, length, cache, num_beams, min_seconds=0.5, max_runs=10):
+    decode(model, features, length, cache, num_beams)  # warm-up
     times = []
     while len(times) < 2 or (sum(times) < min_seconds and len(times) < max_runs):
         start = time.perf_counter()
-        decode(model, features, length, use_cache, num_beams)
+        decode(model, features, length, cache, num_beams)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -121,11 +125,11 @@ def main():
         check(model, features)
         search = "greedy decoding" if args.num_beams == 1 else f"beam search ({args.num_beams} beams)"
         print(f"\n{search} of {args.batch_size} caption(s), CPU, {torch.get_num_threads()} threads, seconds per call")
-        print(f"{'tokens':>6}  {'uncached':>9}  {'cached':>9}  {'speed-up':>8}")
+        print(f"{'tokens':>6}  {'uncached':>9}  {'cached':>9}  {'speed-up':>8}  {'static':>9}  {'speed-up':>8}")
         for length in LENGTHS:
-            uncached = best_time(model, features, length, False, args.num_beams)
-            cached = best_time(model, features, length, True, args.num_beams)
-            print(f"{length:>6}  {uncached:>9.4f}  {cached:>9.4f}  {uncached / cached:>7.1f}x")
+            uncached, cached, static = (best_time(model, features, length, cache, args.num_beams) for cache in CACHES)
+            print(f"{length:>6}  {uncached:>9.4f}  {cached:>9.4f}  {uncached / cached:>7.1f}x  {static:>9.4f}  "
+                  f"{uncached / static:>7.1f}x")
     return 0
 
 

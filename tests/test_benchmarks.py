@@ -80,3 +80,14 @@ def test_check_cuda_dry_run_on_the_cpu():
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
     assert "(e) ExpansionNet v2 static cache: a call under inference_mode" in process.stdout
     assert " 0 failed" in process.stdout
+
+
+def test_bench_expansionnet_v2_cache_tiny():
+    """The cache benchmark's `--tiny` mode: uncached, growing-cache and static-cache decoding agree at every length."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(REPO / "benchmarks" / "bench_expansionnet_v2_cache.py"), "--tiny"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    assert all(f"{length} tokens: static == uncached" in process.stdout for length in (10, 20, 40))

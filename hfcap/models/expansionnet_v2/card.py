@@ -15,8 +15,9 @@ CARD_FACTS = {
         "16 expansion rows per word plus cross-attention over the image tokens; every layer's output is combined "
         "before the vocabulary projection. The hfcap implementation computes what the authors' `End_ExpansionNet_v2` "
         "computes (checked against their code's outputs in float64 and float32), decodes incrementally with an exact "
-        "cache of the dynamic expansion where their code recomputes the whole prefix at every step, and offers their "
-        "own beam search besides the standard Hugging Face strategies."
+        "cache of the dynamic expansion where their code recomputes the whole prefix at every step (on a GPU, "
+        "`cache_implementation=\"static\"` runs each step as one replayed CUDA graph), and offers their own beam "
+        "search besides the standard Hugging Face strategies."
     ),
     "paper": {
         "title": "Exploiting Multiple Sequence Lengths in Fast End to End Training for Image Captioning",
