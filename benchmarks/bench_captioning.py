@@ -677,6 +677,8 @@ def cpu_latency(args, specs):
         for beams in [b for b in args.num_beams if b > 1]:
             searches = {"HF beam search": lambda: model.generate(**inputs, **decoding(beams))}
             if name == ENV2:
+                searches["HF beam search, static cache"] = lambda: model.generate(
+                    **inputs, **decoding(beams, cache_implementation="static"))
                 searches["hfcap reference_beam_search"] = lambda: model.generate(
                     **inputs, num_beams=beams, max_new_tokens=NEW_TOKENS, do_sample=False,
                     custom_generate=hfcap.reference_beam_search)
