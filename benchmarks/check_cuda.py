@@ -11,7 +11,7 @@ Checks, each printed PASS/FAIL (exit status 1 if any fails):
   (d) bfloat16 on CUDA: `generate` runs (greedy, beam, reference beam) with the model cast to bfloat16;
   (e) ExpansionNet v2 (a mid-size random body on features) with `cache_implementation="static"`, whose decoding steps
       replay a captured CUDA graph: the same token ids as the dynamic cache for greedy, beam 3 and seeded sampling,
-      scores within 1e-4, in float32 (bfloat16: the share of equal sequences and the largest score difference are
+      scores (and greedy's cross-attention weights of every step) within 1e-4, in float32 (bfloat16: the share of equal sequences and the largest score difference are
       reported, since bf16 rounding can flip near-ties); a second call replays the same graph; a call under
       `torch.inference_mode` and one after it both work.
 
@@ -192,7 +192,8 @@ def check_expansionnet_v2_static(device):
     torch.manual_seed(0)
     model = ExpansionNetV2ForConditionalGeneration(config).eval().to(device)
     features = torch.randn(6, 20, 64, generator=torch.Generator().manual_seed(3)).to(device)
-    searches = {"greedy": {}, "beam 3": {"num_beams": 3}, "sampling": {"do_sample": True, "top_k": 0}}
+    searches = {"greedy": {"output_attentions": True}, "beam 3": {"num_beams": 3},
+                "sampling": {"do_sample": True, "top_k": 0}}
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
         label = f"(e) ExpansionNet v2 static cache, {str(dtype).removeprefix('torch.')}"
@@ -217,9 +218,12 @@ def check_expansionnet_v2_static(device):
                 same = (static.sequences == dynamic.sequences).all(dim=1).float().mean().item()
                 worst = max((a.float() - b.float()).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
                             for a, b in zip(static.scores, dynamic.scores))
+                if search.get("output_attentions"):  # every step's own weights, not the last step's
+                    worst = max([worst] + [(a.float() - b.float()).abs().max().item() for step_a, step_b in zip(
+                        static.cross_attentions, dynamic.cross_attentions) for a, b in zip(step_a, step_b)])
                 passed = dtype == torch.bfloat16 or (same == 1.0 and worst <= 1e-4)
                 report(f"{label} {name}, call {index + 1}: static (graph) vs dynamic cache", passed,
-                       f"equal sequences {same:.0%}, max |score diff| {worst:.1e}")
+                       f"equal sequences {same:.0%}, max |diff| of scores (and attentions) {worst:.1e}")
     model.float()
     settings = dict(visual_features=features, min_new_tokens=12, max_new_tokens=12, cache_implementation="static")
     with torch.inference_mode():

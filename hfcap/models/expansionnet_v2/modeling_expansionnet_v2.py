@@ -259,7 +259,7 @@ class ExpansionNetV2StaticDecoderState:
         """
         `step(*inputs, self)` at position `seq_length`, which must touch no tensors but `inputs`, the state's and
         the module's: eagerly, or with `capture` (CUDA only) by replaying the graph captured at the first step. The
-        graph's outputs are its own tensors, overwritten by the next step.
+        graph's outputs are copied out, since the next replay overwrites them.
         """
         self.position.fill_(self.seq_length)
         if not capture:
@@ -277,7 +277,7 @@ class ExpansionNetV2StaticDecoderState:
         for captured, value in zip(self.graph_inputs, inputs):
             captured.copy_(value)
         self.graph.replay()
-        return self.graph_outputs
+        return _pytree.tree_map(torch.clone, self.graph_outputs)
 
     def reorder_cache(self, beam_idx):
         """Beam search: row i continues from row `beam_idx[i]` (a beam of the same image), copied in place over the
