@@ -622,45 +622,57 @@ def profile_section(name, spec, model, args, batch=256, beams=3):
 
 def compile_section(name, spec, model, args, beams=3):
     """(g) The backbone under `torch.compile(mode="reduce-overhead")` (inductor's fused kernels, replayed as CUDA
-    graphs) vs eager, bf16 weights: `get_image_features` alone and a full `generate` from pixels."""
-    print(f"\n(g) {name}: backbone compiled with mode=\"reduce-overhead\" vs eager, bf16 weights, "
-          f"{method_name(beams)}, from pixels\n{'batch':>5}{'compile s':>11}{'eager bb ms':>13}{'compiled bb ms':>16}"
-          f"{'speed-up':>10}{'eager img/s':>13}{'compiled img/s':>16}{'speed-up':>10}")
+    graphs) vs eager, bf16 weights: `get_image_features` alone and a full `generate` from pixels (HF beam search and
+    `hfcap.reference_beam_search`)."""
+    print(f"\n(g) {name}: backbone compiled with mode=\"reduce-overhead\" vs eager, bf16 weights, beam {beams}, "
+          f"from pixels, {args.decoder_cache} decoder cache\n{'batch':>5} {'search':<10}{'compile s':>10}"
+          f"{'eager bb ms':>12}{'compiled bb ms':>15}{'speed-up':>9}{'eager img/s':>12}{'compiled img/s':>15}"
+          f"{'speed-up':>9}")
     model.to(torch.bfloat16)
     backbone = model.get_encoder().backbone
-    backbone.forward_features = torch.compile(backbone.forward_features, mode="reduce-overhead", dynamic=False)
-    kwargs = decoding(beams, **decoder_cache(name, args))
+    searches = {"HF": decoding(beams, **decoder_cache(name, args)),
+                "reference": dict(num_beams=beams, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  custom_generate=hfcap.reference_beam_search, **decoder_cache(name, args))}
     try:
         for batch in args.compile_batch_sizes:
+            if time.perf_counter() - START > args.time_budget:
+                break
             pixel_values = make_inputs(spec, batch, args.device, torch.bfloat16)["pixel_values"]
             with torch.no_grad():
-                eager, eager_full = (run(lambda: model.get_image_features(pixel_values), args),
-                                     run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args))
-                if time.perf_counter() - START > args.time_budget:
-                    break
+                eager = run(lambda: model.get_image_features(pixel_values), args)
+                eager_full = {search: run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args)
+                              for search, kwargs in searches.items()}
+                backbone.forward_features = torch.compile(
+                    type(backbone).forward_features.__get__(backbone), mode="reduce-overhead", dynamic=False)
                 begin = time.perf_counter()
                 model.get_image_features(pixel_values)  # compiles for this batch size, records the graph
                 torch.cuda.synchronize(args.device)
                 compile_s = time.perf_counter() - begin
                 compiled = run(lambda: model.get_image_features(pixel_values), args)
-                compiled_full = run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args)
-                same = (None if compiled_full.out is None or eager_full.out is None
-                        else (compiled_full.out == eager_full.out).all(dim=1).float().mean().item())
-            speed = [a.seconds / b.seconds if a.seconds and b.seconds else None
-                     for a, b in ((eager, compiled), (eager_full, compiled_full))]
-            row = dict(section="compile", model=name, batch=batch, method=method_name(beams), compile_s=compile_s,
-                       eager_backbone_ms=ms(eager), compiled_backbone_ms=ms(compiled), backbone_speedup=speed[0],
-                       eager_images_per_s=batch / eager_full.seconds if eager_full.seconds else None,
-                       compiled_images_per_s=batch / compiled_full.seconds if compiled_full.seconds else None,
-                       speedup=speed[1], equal_sequences=same,
-                       error=eager.error or compiled.error or eager_full.error or compiled_full.error)
-            RESULTS["rows"].append(row)
-            print(f"{batch:>5}{fmt(compile_s, 11)}{fmt(row['eager_backbone_ms'], 13, 2)}"
-                  f"{fmt(row['compiled_backbone_ms'], 16, 2)}{fmt_x(speed[0], 10)}{fmt(row['eager_images_per_s'], 13)}"
-                  f"{fmt(row['compiled_images_per_s'], 16)}{fmt_x(speed[1], 10)}  equal sequences: {same}"
-                  f"{'  ' + row['error'] if row['error'] else ''}", flush=True)
+                compiled_full = {search: run(lambda: model.generate(pixel_values=pixel_values, **kwargs), args)
+                                 for search, kwargs in searches.items()}
+                del backbone.forward_features  # back to the eager method
+            for search in searches:
+                before, after = eager_full[search], compiled_full[search]
+                same = (None if before.out is None or after.out is None
+                        else (before.out == after.out).all(dim=1).float().mean().item())
+                speed = [a.seconds / b.seconds if a.seconds and b.seconds else None
+                         for a, b in ((eager, compiled), (before, after))]
+                row = dict(section="compile", model=name, batch=batch, method=method_name(beams), search=search,
+                           compile_s=compile_s, eager_backbone_ms=ms(eager), compiled_backbone_ms=ms(compiled),
+                           backbone_speedup=speed[0], eager_ms=ms(before), compiled_ms=ms(after),
+                           eager_images_per_s=batch / before.seconds if before.seconds else None,
+                           compiled_images_per_s=batch / after.seconds if after.seconds else None,
+                           speedup=speed[1], equal_sequences=same,
+                           error=eager.error or compiled.error or before.error or after.error)
+                RESULTS["rows"].append(row)
+                print(f"{batch:>5} {search:<10}{fmt(compile_s, 10)}{fmt(row['eager_backbone_ms'], 12, 2)}"
+                      f"{fmt(row['compiled_backbone_ms'], 15, 2)}{fmt_x(speed[0], 9)}"
+                      f"{fmt(row['eager_images_per_s'], 12)}{fmt(row['compiled_images_per_s'], 15)}"
+                      f"{fmt_x(speed[1], 9)}  equal sequences: {same}{'  ' + row['error'] if row['error'] else ''}",
+                      flush=True)
     finally:
-        del backbone.forward_features  # back to the eager method
+        backbone.__dict__.pop("forward_features", None)
         model.float()
 
 

@@ -132,6 +132,23 @@ def test_static_cache_decodes_as_the_dynamic_one(search):
             torch.testing.assert_close(static_scores, dynamic_scores, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_reference_beam_search_on_the_static_cache(num_beams):
+    """The authors' search on the static state (SOS on every beam row, no batch change afterwards) gives the same
+    sequences, scores and token log-probabilities as on the growing cache, float64."""
+    model = tiny_model().double()
+    features = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    settings = dict(visual_features=features, num_beams=num_beams, max_new_tokens=8, return_dict_in_generate=True,
+                    custom_generate=reference_beam_search, num_return_sequences=num_beams)
+    dynamic = model.generate(**settings)
+    static = model.generate(**settings, cache_implementation="static")
+    assert isinstance(model._static_decoder_state, ExpansionNetV2StaticDecoderState)
+    assert model._static_decoder_state["0.keys"].shape[0] == 3 * num_beams
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(static.sequences_scores, dynamic.sequences_scores, atol=1e-12, rtol=0)
+    torch.testing.assert_close(static.token_log_probs, dynamic.token_log_probs, atol=1e-12, rtol=0)
+
+
 def test_static_cache_steps_give_the_full_forwards_logits(model, pixel_values):
     """The static state's prefill and in-place steps give the one-pass logits; it refuses what it cannot hold."""
     tokens = random_tokens(2, 7)

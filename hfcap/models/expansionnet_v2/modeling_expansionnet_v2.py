@@ -1283,7 +1283,8 @@ class ExpansionNetV2ForConditionalGeneration(ExpansionNetV2PreTrainedModel, Gene
         The decoder runs incrementally on the cache, which gives the same log-probabilities as their recomputation.
 
         Called by `generate(..., custom_generate=hfcap.reference_beam_search)` after the usual input preparation, so
-        `encoder_outputs` arrive repeated `max(num_beams, num_return_sequences)` times per image.
+        `encoder_outputs` arrive repeated `max(num_beams, num_return_sequences)` times per image. With
+        `cache_implementation="static"` it decodes on the [`ExpansionNetV2StaticDecoderState`] (same results).
         """
         if logits_processor:
             raise ValueError(
@@ -1304,31 +1305,31 @@ class ExpansionNetV2ForConditionalGeneration(ExpansionNetV2PreTrainedModel, Gene
         eos_token_id = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id
         pad_token_id = generation_config.pad_token_id
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        encoder_outputs = model_kwargs["encoder_outputs"]
-        encoder_outputs = ExpansionNetV2EncoderOutput(
-            last_hidden_state=encoder_outputs.last_hidden_state[::expand_size],
-            attention_mask=(
-                encoder_outputs["attention_mask"][::expand_size]
-                if encoder_outputs.get("attention_mask") is not None
-                else None
-            ),
+        given = model_kwargs["encoder_outputs"]  # repeated `expand_size` = K times per image
+        repeated = ExpansionNetV2EncoderOutput(
+            last_hidden_state=given.last_hidden_state, attention_mask=given.get("attention_mask")
         )
         batch_size, k = start_ids.shape[0], num_beams
 
-        # Step 1: decode SOS once per image and take its top K words.
-        output = self(encoder_outputs=encoder_outputs, decoder_input_ids=start_ids, use_cache=True)
-        log_probs = output.logits[:, -1].log_softmax(dim=-1)
+        # Step 1: decode SOS and take its top K words.
+        state = model_kwargs.get(CACHE_NAME)
+        if isinstance(state, ExpansionNetV2StaticDecoderState):
+            # The static state keeps its rows (and its CUDA graph) for the whole search: SOS runs on all K rows of
+            # an image, which are identical, and the image's first row gives the K first words.
+            output = self(encoder_outputs=repeated, decoder_input_ids=input_ids, cache=state)
+            log_probs = output.logits[::k, -1].log_softmax(dim=-1)
+        else:  # once per image, as theirs, then the state is repeated per beam
+            image_rows = slice(None, None, expand_size)
+            single = ExpansionNetV2EncoderOutput(
+                last_hidden_state=repeated.last_hidden_state[image_rows],
+                attention_mask=repeated.attention_mask[image_rows] if repeated.attention_mask is not None else None,
+            )
+            output = self(encoder_outputs=single, decoder_input_ids=start_ids, use_cache=True)
+            log_probs = output.logits[:, -1].log_softmax(dim=-1)
+            state = output[CACHE_NAME]
+            state.batch_repeat_interleave(k)
         first_log_probs, first_words = log_probs.topk(k, dim=-1, sorted=True)  # (B, K)
-        state = output[CACHE_NAME]
-        state.batch_repeat_interleave(k)
-        encoder_outputs = ExpansionNetV2EncoderOutput(
-            last_hidden_state=encoder_outputs.last_hidden_state.repeat_interleave(k, dim=0),
-            attention_mask=(
-                encoder_outputs.attention_mask.repeat_interleave(k, dim=0)
-                if encoder_outputs.attention_mask is not None
-                else None
-            ),
-        )
+        encoder_outputs = repeated
         sequences = torch.cat([start_ids.repeat_interleave(k, dim=0), first_words.reshape(-1, 1)], dim=1)  # (B K, 2)
         token_log_probs = torch.cat([log_probs.new_zeros(batch_size * k, 1), first_log_probs.reshape(-1, 1)], dim=1)
         cumulative = token_log_probs.sum(dim=-1, keepdim=True)  # (B K, 1)
