@@ -46,8 +46,11 @@ Sections (each prints a table; `--json PATH` gets every number, rewritten after 
   (g) compile  (`--compile-backbone`) ExpansionNet v2, bf16 weights: the Swin backbone under
               `torch.compile(mode="reduce-overhead")` (fused kernels, CUDA graphs) vs eager, alone and in a full
               beam-3 `generate` from pixels, at each of `--compile-batch-sizes` (compile time printed).
-Per model the order is: captioning grid, (c)'s FLOP count, (d), (a), (e), (f); then (b), (g), (c)'s table and the
-summary.
+  (h) fused   (`--fused-attention`) ExpansionNet v2, bf16 weights: timm Swin's window attention as explicit matmuls
+              + softmax (timm's default for Swin) vs `F.scaled_dot_product_attention` (`TIMM_FUSED_ATTN=2`), the
+              backbone alone at each of `--compile-batch-sizes`, and the largest feature difference.
+Per model the order is: captioning grid, (c)'s FLOP count, (d), (a), (e), (f); then (b), (h), (g), (c)'s table and
+the summary.
 
 Timing: one warm-up call, then the best of `--runs` calls (at least 2; fewer once `--max-seconds` are spent), CUDA
 events around each call after the warm-up. fp32 uses PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full
@@ -676,6 +679,40 @@ def compile_section(name, spec, model, args, beams=3):
         model.float()
 
 
+def fused_attention_section(name, spec, model, args):
+    """(h) timm's Swin computes window attention with explicit matmuls and a softmax unless `TIMM_FUSED_ATTN=2`
+    (its `fused_attn`, "experimental" for Swin): the backbone alone with each, bf16 weights, at `--compile-batch-sizes`,
+    and how far the two features differ."""
+    print(f"\n(h) {name}: timm Swin window attention, explicit (default) vs F.scaled_dot_product_attention "
+          f"(TIMM_FUSED_ATTN=2), backbone only, bf16 weights\n{'batch':>5}{'explicit ms':>13}{'SDPA ms':>10}"
+          f"{'speed-up':>10}{'max |feature diff|':>20}")
+    model.to(torch.bfloat16)
+    modules = [m for m in model.get_encoder().backbone.modules() if hasattr(m, "fused_attn")]
+    try:
+        for batch in args.compile_batch_sizes:
+            pixel_values = make_inputs(spec, batch, args.device, torch.bfloat16)["pixel_values"]
+            timings = {}
+            with torch.no_grad():
+                for fused in (False, True):
+                    for module in modules:
+                        module.fused_attn = fused
+                    timings[fused] = run(lambda: model.get_image_features(pixel_values), args)
+            difference = (None if timings[False].out is None or timings[True].out is None else
+                          (timings[False].out.float() - timings[True].out.float()).abs().max().item())
+            speed = (timings[False].seconds / timings[True].seconds
+                     if timings[False].seconds and timings[True].seconds else None)
+            row = dict(section="fused_attention", model=name, batch=batch, explicit_ms=ms(timings[False]),
+                       sdpa_ms=ms(timings[True]), speedup=speed, max_feature_difference=difference,
+                       error=timings[False].error or timings[True].error)
+            RESULTS["rows"].append(row)
+            print(f"{batch:>5}{fmt(row['explicit_ms'], 13, 2)}{fmt(row['sdpa_ms'], 10, 2)}{fmt_x(speed, 10)}"
+                  f"{fmt(difference, 20, 4)}{'  ' + row['error'] if row['error'] else ''}", flush=True)
+    finally:
+        for module in modules:
+            module.fused_attn = False
+        model.float()
+
+
 def cpu_latency(args, specs):
     print(f"\nsingle-image latency on the CPU, {torch.get_num_threads()} threads, fp32, {NEW_TOKENS} new tokens "
           "(authors' spec: their ExpansionNet v2 code, beam 5, 2 threads: 2.65 s/image)")
@@ -784,12 +821,16 @@ def main():
                         help="(f): the top CUDA kernels of ExpansionNet v2, bf16, batch 256, beam 3, from pixels")
     parser.add_argument("--compile-backbone", action="store_true",
                         help="(g): ExpansionNet v2's backbone under torch.compile(mode='reduce-overhead') vs eager")
-    parser.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1, 256], help="batch sizes of (g)")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="(h): timm Swin's explicit window attention vs SDPA (TIMM_FUSED_ATTN=2)")
+    parser.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1, 256],
+                        help="batch sizes of (g) and (h)")
     parser.add_argument("--decoder-cache", choices=["static", "dynamic"], default="static",
                         help="ExpansionNet v2's decoder cache in the captioning grid, (f) and (g)")
     args = parser.parse_args()
     if args.tiny:
         args.device, args.batch_sizes, args.cache_batch_sizes, args.peer_batch_sizes = "cpu", [2], [2], [2]
+        args.fused_attention, args.compile_batch_sizes = True, [2]
     if args.time_budget is None:
         args.time_budget = float("inf") if args.tiny else 420.0
     if args.cpu_latency:
@@ -833,6 +874,8 @@ def main():
         if not args.no_ved and ENV2 in specs:
             print("\n(b) transformers VisionEncoderDecoderModel peer, same settings")
             ved_section(args, specs[ENV2]["image_size"])
+        if args.fused_attention and ENV2 in specs:
+            fused_attention_section(ENV2, specs[ENV2], build(specs[ENV2], args.device), args)
         if args.compile_backbone and ENV2 in specs and args.device.type == "cuda":
             compile_section(ENV2, specs[ENV2], build(specs[ENV2], args.device), args)
         RESULTS["meta"]["backbone_flops_per_image"] = flops

@@ -43,6 +43,8 @@ def test_bench_captioning_tiny(tmp_path):
     assert {r["method"] for r in rows if r["section"] == "peer"} == {"greedy", "beam3", "beam5"}  # VisionEncoderDecoder
     assert {r["model"] for r in rows if r["section"] == "bound"} == {"expansionnet_v2", "m2_transformer",
                                                                      "show_attend_tell"}
+    fused = [r for r in rows if r["section"] == "fused_attention"]  # (h): the same features up to bf16 rounding
+    assert fused and all(r["max_feature_difference"] < 0.05 for r in fused)
     assert not [r for r in rows if r.get("error")]
     assert all(check["passed"] for check in results["checks"]), [c for c in results["checks"] if not c["passed"]]
     for title in ("(a) expansionnet_v2", "(b) transformers VisionEncoderDecoderModel", "(c) hardware bound",
