@@ -84,22 +84,33 @@ def test_converted_config_matches_the_authors_constructor(case):
     assert (generation.num_beams, generation.max_new_tokens) == (5, case["spec"]["decoding"]["beam_max_seq_len"] - 1)
 
 
+@pytest.mark.parametrize("fused_attention", [False, True], ids=["explicit-attention", "sdpa-attention"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32"])
-def test_backbone_encoder_and_teacher_forced_log_probs(case, dtype):
+def test_backbone_encoder_and_teacher_forced_log_probs(case, dtype, fused_attention):
+    """Also with timm's fused window attention (`TIMM_FUSED_ATTN=2`, the faster backbone of BENCHMARKS.md (h)):
+    `F.scaled_dot_product_attention` instead of explicit matmuls and softmax keeps the fixture tolerances."""
     model, expected, inputs = case["models"][dtype], case["expected"][dtype], case["inputs"]
     atol = FORWARD_ATOL[dtype]
     pixel_values = inputs["pixel_values"].to(dtype)
     # Their forward masks the last num_pads positions (the EOS of shorter captions included): same mask here, so
     # every position, padding included, must agree.
     valid = case["decoding"]["dec_input_valid_mask"]
-    with torch.no_grad():
-        swin = model.get_image_features(pixel_values)
-        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
-        output = model(
-            encoder_outputs=encoder_outputs,
-            decoder_input_ids=inputs["dec_input_ids"],
-            decoder_attention_mask=valid.long(),
-        )
+    attentions = [module for module in model.backbone.modules() if hasattr(module, "fused_attn")]
+    assert attentions and not any(module.fused_attn for module in attentions)  # timm's default for Swin
+    try:
+        for module in attentions:
+            module.fused_attn = fused_attention
+        with torch.no_grad():
+            swin = model.get_image_features(pixel_values)
+            encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+            output = model(
+                encoder_outputs=encoder_outputs,
+                decoder_input_ids=inputs["dec_input_ids"],
+                decoder_attention_mask=valid.long(),
+            )
+    finally:
+        for module in attentions:
+            module.fused_attn = False
     torch.testing.assert_close(swin, expected["swin_output"], atol=atol, rtol=0)
     torch.testing.assert_close(encoder_outputs.last_hidden_state, expected["encoder_output"], atol=atol, rtol=0)
     torch.testing.assert_close(output.logits, expected["logits"], atol=atol, rtol=0)
