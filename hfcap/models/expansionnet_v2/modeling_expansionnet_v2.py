@@ -10,7 +10,7 @@ same logits in O(E L d) per step and layer.
 
 Shapes: B batch, T new decoder steps, P cached steps before them, L = P + T, N visual tokens, D visual_feature_dim,
 d d_model, H num_heads, M = sum(static_expansion_groups), G its number of groups, E num_dynamic_expansions,
-V vocab_size, K beams, R returned sequences per image.
+V vocab_size, K beams, R returned sequences per image, C the positions of a static decoder cache.
 """
 
 import math
