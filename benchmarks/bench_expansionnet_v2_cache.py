@@ -5,9 +5,9 @@ hfcap's `ExpansionNetV2DecoderState` keeps the per-position tensors of §3 of th
 This script times greedy `generate` on the CPU, one caption at a time, forced to exactly 10, 20 and 40 new tokens
 (`min_new_tokens` = `max_new_tokens`; random weights would end captions at random lengths), with `use_cache=False`,
 the growing cache (`use_cache=True`) and the static one (`cache_implementation="static"`: preallocated buffers,
-every step over all of them; on a GPU its steps replay a CUDA graph). The model is features-only (the backbone runs once per image either way, so it is left out):
-a mid-size body (d_model 256, d_ff 1024, 3 + 3 layers, the released expansion sizes 32/64/128/256/512 and 16, 8
-heads, 10,000 words) over 144 random visual tokens of width 1536. Each time is the best of several runs after a
+every step over all of them; on a GPU its steps replay a CUDA graph). The model is features-only (the backbone runs
+once per image either way, so it is left out): a mid-size body (d_model 256, d_ff 1024, 3 + 3 layers, the released
+expansion sizes 32/64/128/256/512 and 16, 8 heads, 10,000 words) over 144 random visual tokens of width 1536. Each time is the best of several runs after a
 warm-up. All three must produce the same tokens; the script checks it.
 
 `--tiny`: a correctness run for CI (a few seconds, no timing): on a tiny model, the three give the same tokens and

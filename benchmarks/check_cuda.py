@@ -11,9 +11,9 @@ Checks, each printed PASS/FAIL (exit status 1 if any fails):
   (d) bfloat16 on CUDA: `generate` runs (greedy, beam, reference beam) with the model cast to bfloat16;
   (e) ExpansionNet v2 (a mid-size random body on features) with `cache_implementation="static"`, whose decoding steps
       replay a captured CUDA graph: the same token ids as the dynamic cache for greedy, beam 3 and seeded sampling,
-      scores (and greedy's cross-attention weights of every step) within 1e-4, in float32 (bfloat16: the share of equal sequences and the largest score difference are
-      reported, since bf16 rounding can flip near-ties); a second call replays the same graph; a call under
-      `torch.inference_mode` and one after it both work.
+      scores (and greedy's cross-attention weights of every step) within 1e-4, in float32 (bfloat16: the share of
+      equal sequences and the largest score difference are reported, since bf16 rounding can flip near-ties); a
+      second call replays the same graph; a call under `torch.inference_mode` and one after it both work.
 
 The fixtures are the repository's `../shared/fixtures/reference/sat` (as the tests read them); `--fixtures` points
 elsewhere (e.g. a copy carried to the GPU machine). Needs neither `datasets` nor pytest.

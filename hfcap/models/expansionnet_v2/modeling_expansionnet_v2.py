@@ -597,7 +597,7 @@ class ExpansionNetV2DynamicExpansion(nn.Module):
         Returns:
             `torch.FloatTensor` of shape `(B, 1, d)`.
         """
-        batch_size, _, d = x.shape
+        d = x.shape[-1]
         condition = self.cond_embed(x)  # §3.1 C_p, (B, 1, d)
         queries = self.query_exp_vectors.weight + condition  # Q[(p,e)] = q_e + C_p, (B, E, d)
         biases = self.bias_exp_vectors.weight + condition  # Bias[(p,e)] = b_e + C_p
